@@ -1,0 +1,5 @@
+import sys
+
+from minsnr.cli import main
+
+sys.exit(main())
