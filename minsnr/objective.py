@@ -1,0 +1,111 @@
+"""The training objective: noise a clean batch, predict, weighted MSE (section 3.1 eq. 2, 4, 5; 3.4).
+
+Targets (appendix B): eps; x0; v = alpha_t eps - sigma_t x0 (Salimans & Ho). With alpha^2 + sigma^2 = 1
+any one prediction and x_t determine the others exactly; `predict_x0`, `predict_eps` and `convert`
+implement that algebra. alpha and sigma broadcast against x, e.g. shape [B, 1, 1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from minsnr.schedule import Schedule
+from minsnr.weighting import TARGETS, Strategy, loss_weight
+
+TimestepSampler = Callable[[int, int, torch.device, Optional[torch.Generator]], Tensor]
+
+
+def uniform_timesteps(batch: int, num_timesteps: int, device: torch.device,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """t ~ U{0, ..., T-1}, the paper's sampling of tasks."""
+    return torch.randint(0, num_timesteps, (batch,), device=device, generator=generator)
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
+
+
+def q_sample(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Eq. 2: x_t = alpha_t x0 + sigma_t eps."""
+    return alpha * x0 + sigma * eps
+
+
+def make_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    _check_target(target)
+    if target == "x0":
+        return x0
+    if target == "eps":
+        return eps
+    return alpha * eps - sigma * x0
+
+
+def predict_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    _check_target(target)
+    if target == "x0":
+        return pred
+    if target == "eps":
+        return (x_t - sigma * pred) / alpha
+    return alpha * x_t - sigma * pred  # v: alpha x_t - sigma v = (alpha^2 + sigma^2) x0
+
+
+def predict_eps(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    _check_target(target)
+    if target == "x0":
+        return (x_t - alpha * pred) / sigma
+    if target == "eps":
+        return pred
+    return sigma * x_t + alpha * pred  # v: sigma x_t + alpha v = (alpha^2 + sigma^2) eps
+
+
+def convert(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, src: str, dst: str) -> Tensor:
+    """Express a prediction of `src` as a prediction of `dst`."""
+    x0 = predict_x0(pred, x_t, alpha, sigma, src)
+    eps = predict_eps(pred, x_t, alpha, sigma, src)
+    return make_target(x0, eps, alpha, sigma, dst)
+
+
+def drop_labels(labels: Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
+    """Classifier-free guidance training: replace each label by the null class with probability p."""
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar: mean over the batch of weight * target-space MSE
+    t: Tensor  # [B] long timesteps
+    mse_x0: Tensor  # [B] unweighted x0-space MSE, detached (figure 6)
+    weight: Tensor  # [B] weight applied in the target's space
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels: Tensor | None,
+                   schedule: Schedule, *, target: str = "x0", weighting: Strategy = "min_snr",
+                   gamma: float | None = None, t: Tensor | None = None, noise: Tensor | None = None,
+                   timestep_sampler: TimestepSampler = uniform_timesteps,
+                   generator: torch.Generator | None = None) -> LossOutput:
+    """Weighted denoising loss; `model(x_t, t, labels)` predicts `target`."""
+    _check_target(target)
+    if t is None:
+        t = timestep_sampler(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
+    x_t = q_sample(x0, noise, alpha, sigma)
+    pred = model(x_t, t.to(x0.dtype), labels).float()
+    dims = tuple(range(1, x0.dim()))
+    mse = (pred - make_target(x0, noise, alpha, sigma, target)).square().mean(dim=dims)
+    weight = loss_weight(schedule.snr(t), weighting, gamma, target).to(mse.dtype)
+    with torch.no_grad():
+        mse_x0 = (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=dims)
+    return LossOutput(loss=(weight * mse).mean(), t=t, mse_x0=mse_x0, weight=weight)

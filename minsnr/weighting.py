@@ -1,0 +1,77 @@
+"""Loss weights of section 3.4, converted to the target's own space by appendix B.
+
+Strategies are named by their weight on the x0-space MSE:
+    const         1
+    snr           SNR
+    max_snr       max(SNR, gamma)           truncated SNR of Salimans & Ho, default gamma 1
+    min_snr       min(SNR, gamma)           Min-SNR-gamma, the paper's proposal, default gamma 5
+    soft_min_snr  1 / (1/SNR + 1/gamma)     a smooth min, default gamma 5
+or any callable snr -> x0-space weight.
+
+Appendix B: ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2,
+so the weight applied to the eps-space MSE is w/SNR and to the v-space MSE is w/(SNR + 1). Then one
+strategy is one objective whatever the target (min_snr with v is min(SNR, gamma)/(SNR + 1), never
+min(SNR + 1, gamma)/(SNR + 1)).
+
+Limits: weights are computed in float32 (float64 for float64 input) after clamping SNR to
+[SNR_FLOOR, SNR_CEIL] = [1e-10, 1e10]. So SNR = 0 (zero terminal SNR) and SNR = inf give finite
+weights, equal to the strategy's value at the clamp: min_snr/eps at SNR = 0 is min(1e-10, 5)/1e-10 = 1,
+its true limit; const/eps at SNR = 0 is 1e10 (the true limit is infinite).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+SNR_FLOOR = 1e-10
+SNR_CEIL = 1e10
+TARGETS = ("x0", "eps", "v")
+
+WeightFn = Callable[[Tensor], Tensor]
+Strategy = Union[str, WeightFn]
+
+STRATEGIES: dict[str, tuple[Callable[[Tensor, float], Tensor], float | None]] = {
+    "const": (lambda snr, g: torch.ones_like(snr), None),
+    "snr": (lambda snr, g: snr, None),
+    "max_snr": (lambda snr, g: snr.clamp(min=g), 1.0),
+    "min_snr": (lambda snr, g: snr.clamp(max=g), 5.0),
+    "soft_min_snr": (lambda snr, g: snr * g / (snr + g), 5.0),
+}
+
+
+def _prepare(snr: Tensor) -> Tensor:
+    dtype = torch.float64 if snr.dtype == torch.float64 else torch.float32
+    return snr.to(dtype).clamp(SNR_FLOOR, SNR_CEIL)
+
+
+def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None) -> Tensor:
+    if callable(strategy):
+        return strategy(snr).to(snr.dtype)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown weighting {strategy!r}; valid names: {', '.join(STRATEGIES)} or a callable")
+    fn, default_gamma = STRATEGIES[strategy]
+    g = default_gamma if gamma is None else gamma
+    if g is not None and not g > 0:
+        raise ValueError(f"gamma must be > 0, got {g}")
+    return fn(snr, g)  # type: ignore[arg-type]
+
+
+def x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None) -> Tensor:
+    """The strategy's weight on the x0-space MSE (section 3.4)."""
+    return _x0_weight(_prepare(snr), strategy, gamma)
+
+
+def loss_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, target: str = "x0") -> Tensor:
+    """Weight multiplying the MSE measured in `target`'s own space (appendix B conversion)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
+    s = _prepare(snr)
+    w = _x0_weight(s, strategy, gamma)
+    if target == "eps":
+        return w / s
+    if target == "v":
+        return w / (s + 1)
+    return w
