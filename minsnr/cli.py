@@ -6,7 +6,7 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("minsnr.train", "train a diffusion model from a YAML config"),
+    "train": ("minsnr.launch", "train a diffusion model from a YAML config"),
     "sample": ("minsnr.evaluate.sample", "generate class-balanced samples from a checkpoint"),
     "fid": ("minsnr.evaluate.fid", "FID (Inception) or fid_cls (small classifier) of samples"),
     "train-classifier": ("minsnr.evaluate.classifier", "train the small CNN behind fid_cls"),

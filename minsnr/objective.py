@@ -69,12 +69,17 @@ def convert(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, src: str, d
     return make_target(x0, eps, alpha, sigma, dst)
 
 
-def drop_labels(labels: Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
-    """Classifier-free guidance training: replace each label by the null class with probability p."""
+def drop_labels(labels: Tensor, p: float, null_label: int, uniform: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Classifier-free guidance training: replace each label by the null class with probability p.
+
+    `uniform` (U[0, 1) draws, one per label) may be given so that the choice is reproducible across ranks.
+    """
     if p <= 0:
         return labels
-    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
+    if uniform is None:
+        uniform = torch.rand(labels.shape, device=labels.device, generator=generator)
+    return torch.where(uniform < p, torch.full_like(labels, null_label), labels)
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""What a run writes while it trains: JSONL metrics, TensorBoard scalars, per-timestep-bin losses.
+
+Per-bin statistics accumulate on the device every step (no host sync) and are read every `log.every`
+steps; bin k covers timesteps [k T/10, (k+1) T/10), the ranges of the paper's figure 6.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+NUM_BINS = 10
+
+
+class BinStats:
+    """Sums of the weighted loss and of the unweighted x0 MSE per timestep bin, on the device."""
+
+    def __init__(self, num_timesteps: int, device: torch.device):
+        self.num_timesteps = num_timesteps
+        self.mse = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
+        self.count = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, steps]
+
+    def add(self, t: Tensor, mse_x0: Tensor, loss: Tensor) -> None:
+        idx = t * NUM_BINS // self.num_timesteps
+        self.mse.index_add_(0, idx, mse_x0.detach().to(torch.float64))
+        self.count.index_add_(0, idx, torch.ones_like(mse_x0, dtype=torch.float64))
+        self.loss += torch.stack([loss.detach().to(torch.float64), torch.ones((), dtype=torch.float64, device=loss.device)])
+
+    def read_and_reset(self) -> dict[str, float]:
+        """One host sync; sums over DDP ranks when distributed (every rank must call it)."""
+        packed = torch.cat([self.mse, self.count, self.loss])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed)
+        mse, count, loss = packed[:NUM_BINS], packed[NUM_BINS:2 * NUM_BINS], packed[2 * NUM_BINS:]
+        width = self.num_timesteps // NUM_BINS
+        out = {"loss": (loss[0] / loss[1].clamp(min=1)).item()}
+        for k, (m, c) in enumerate(zip(mse.tolist(), count.tolist())):
+            if c > 0:
+                out[f"mse_x0/{k * width:03d}-{(k + 1) * width - 1:03d}"] = m / c
+        for buf in (self.mse, self.count, self.loss):
+            buf.zero_()
+        return out
+
+
+class MetricsLog:
+    """Appends one JSON object per log step to metrics.jsonl, mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():  # drop records past the checkpoint we resume from (they will be redone)
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer: Any = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

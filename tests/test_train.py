@@ -1,0 +1,140 @@
+"""The training loop: exact resume, kill -9, NaN stop, config errors, DDP equivalence."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import minsnr.train as train_mod
+from minsnr.checkpoint import load_checkpoint
+from minsnr.config import load_config
+from minsnr.launch import main as train_main
+from minsnr.train import NonFiniteLoss, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}", "train.batch_size=16",
+        "log.every=2", "log.preview_every=0", "log.tensorboard=false", "checkpoint.every=2", "checkpoint.keep=10",
+        "optim.warmup_steps=2", "ema.decay=0.9"]
+
+
+def tiny_cfg(run_dir: Path, *extra: str):
+    return load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, f"run_dir={run_dir}", *extra])
+
+
+def states_equal(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    for i in oa:
+        for k in oa[i]:
+            assert torch.equal(oa[i][k], ob[i][k]), f"optimizer state {i}.{k} differs"
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    train(tiny_cfg(tmp_path / "one", "train.steps=6"))
+    train(tiny_cfg(tmp_path / "two", "train.steps=3", "checkpoint.every=3"))
+    out = train(tiny_cfg(tmp_path / "two", "train.steps=6", "checkpoint.every=3"))
+    assert out["step"] == 6
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.pt")
+    states_equal(a, b)
+    assert a["step"] == 6
+    earlier = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_000000002.pt")  # training did move the weights
+    assert any(not torch.equal(earlier["model"][k], a["model"][k]) for k in a["model"])
+
+
+def test_sigkill_then_resume(tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *TINY,
+           f"run_dir={run}", "train.steps=400", "checkpoint.every=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # land anywhere: mid-step, mid-write, mid-rename
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(latest)  # the last checkpoint always loads
+    assert 1 <= state["step"] < 400
+    leftovers = [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    out = train(tiny_cfg(run, f"train.steps={state['step'] + 2}", "checkpoint.every=1"))
+    assert out["step"] == state["step"] + 2
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp") and p not in leftovers]
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = train_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:  # the 5th optimiser step
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="at step 5"):
+        train(tiny_cfg(tmp_path, "train.steps=10", "log.every=1"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.weightin=min_snr", "loss.weightin"),
+    ("train.steps=many", "train.steps"),
+    ("loss.weighting=minsnr", "const, snr, max_snr, min_snr, soft_min_snr"),
+    ("data.source=folder", "data.path"),
+])
+def test_bad_config_fails_early(tmp_path, capsys, override, message):
+    code = train_main([str(ROOT / "configs" / "quickstart.yaml"), f"run_dir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err, err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_key_lists_valid_keys(tmp_path, capsys):
+    train_main([str(ROOT / "configs" / "quickstart.yaml"), "loss.weightin=min_snr"])
+    err = capsys.readouterr().err
+    assert "valid keys in loss: target, weighting, gamma, label_dropout" in err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    code = train_main([str(ROOT / "configs" / "quickstart.yaml"), f"run_dir={tmp_path}", "data.source=folder",
+                       f"data.path={tmp_path / 'nope'}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "nope" in err, err
+
+
+def test_wrong_model_for_checkpoint(tmp_path):
+    train(tiny_cfg(tmp_path, "train.steps=2"))
+    with pytest.raises(Exception, match="trained with model"):
+        train(tiny_cfg(tmp_path, "train.steps=4", "model.args={patch_size: 2, depth: 3, width: 32, num_heads: 2}"))
+
+
+def test_torchrun_two_ranks_match_one(tmp_path):
+    common = [*TINY, "train.steps=4", "checkpoint.every=4", "data.num_workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8",
+           f"run_dir={tmp_path / 'ddp'}"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train(load_config(ROOT / "configs" / "quickstart.yaml", [*common, "train.batch_size=16", f"run_dir={tmp_path / 'one'}"]))
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert a["data"] == {"epoch": b["data"]["epoch"], "batch": b["data"]["batch"]}
