@@ -1,0 +1,96 @@
+"""What `minsnr pareto` and `minsnr conflict` share: loading a checkpoint with its data, drawing images.
+
+Data: by default the data section stored in the checkpoint's config (a quickstart checkpoint with
+data.source=digits needs nothing more). `--data PATH` replaces data.path and positional `data.key=value`
+overrides change any other data field, e.g. `data.source=npz data.conditional=false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+
+from minsnr.checkpoint import load_model
+from minsnr.config import Config, ConfigError, validate
+from minsnr.data import build_dataset
+from minsnr.data.base import ImageDataset
+from minsnr.schedule import Schedule, make_schedule
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    cfg: Config
+    schedule: Schedule  # on the model's device
+    dataset: ImageDataset
+    device: torch.device
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a .pt checkpoint or exported .safetensors file")
+    parser.add_argument("overrides", nargs="*", metavar="data.key=value",
+                        help="changes to the checkpoint's data config, e.g. data.source=npz")
+    parser.add_argument("--data", help="data path (sets data.path; the source comes from the checkpoint config)")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="dataset split (default train)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of images, timesteps and noise")
+    parser.add_argument("--out", help="output folder (default: next to the checkpoint)")
+
+
+def with_data_overrides(cfg: Config, data_path: str | None, overrides: list[str]) -> Config:
+    """The config with `data.*` overrides and `--data` applied, validated."""
+    items = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
+    for item in items:
+        if "=" not in item or not item.startswith("data."):
+            raise ConfigError(f"override {item!r} must be of the form data.key=value")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(items))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad data override: {str(err).splitlines()[0]}") from None
+    out: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(out)
+    if data_path and out.data.source == "digits":
+        raise ConfigError("the checkpoint's data.source is digits, which takes no path; "
+                          "add data.source=npz, data.source=folder or data.source=latent")
+    return out
+
+
+def load(args: argparse.Namespace) -> Loaded:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    model, cfg = load_model(args.checkpoint, ema=not args.no_ema, map_location=device)
+    cfg = with_data_overrides(cfg, args.data, args.overrides)
+    dataset = build_dataset(cfg.data, split=args.split)
+    if tuple(dataset.shape) != (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size):
+        raise ConfigError(f"data items have shape {tuple(dataset.shape)} but the model takes "
+                          f"{(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)}")
+    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
+    return Loaded(model, cfg, schedule, dataset, device)
+
+
+def labels_for(model: nn.Module, dataset: ImageDataset, labels: Tensor) -> Tensor | None:
+    """None for an unconditional model; the null label when the data has no classes."""
+    num_classes = getattr(model, "num_classes", 0)
+    if num_classes == 0:
+        return None
+    return labels if dataset.num_classes > 0 else torch.full_like(labels, num_classes)
+
+
+def draw(loaded: Loaded, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """n images drawn uniformly with replacement (un-augmented) and their labels, on the CPU."""
+    idx = torch.randint(0, len(loaded.dataset), (n,), generator=generator).tolist()
+    x, labels, _ = loaded.dataset.get_batch(idx)
+    return x, labels_for(loaded.model, loaded.dataset, labels)
+
+
+def out_dir(args: argparse.Namespace, name: str) -> Path:
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"{Path(args.checkpoint).stem}_{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
