@@ -1,0 +1,98 @@
+"""In-memory image arrays: `.npz` files and scikit-learn's embedded digits (the quickstart data).
+
+npz: uint8 NHWC (or NHW) under `x` or `x_train`, optional integer labels under `y` / `y_train`;
+split="test" reads `x_test` / `y_test`; an optional `class_names` array names the classes.
+digits: sklearn.datasets.load_digits, 1797 8x8 images with values 0..16 (scaled exactly to [-1, 1]),
+10 classes; split="train" is the first 1617 images (90%), split="test" the last 180.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minsnr.data.base import Fetched, ImageDataset
+from minsnr.data.transforms import Key, check_crop, flips, prepare, split_key, to_float
+
+DIGITS_TRAIN = 1617  # first 90% of the 1797 digits; the rest is the held-out test split
+
+
+class ArrayDataset(ImageDataset):
+    """uint8 images [N, H, W, C] with values 0..levels, held in memory; fetched a batch at a time."""
+
+    def __init__(self, images: np.ndarray, labels: Optional[np.ndarray], *, num_classes: int,
+                 class_names: list[str], levels: int = 255, hflip: bool = True, conditional: bool = True,
+                 crop: str = "none", resolution: Optional[int] = None) -> None:
+        check_crop(crop, resolution)
+        if crop != "none" or resolution is not None:
+            if levels != 255:  # Pillow resamples 8-bit images: spread the values over 0..255 first
+                images, levels = np.round(images * (255.0 / levels)).astype(np.uint8), 255
+            images = np.stack([prepare(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), crop, resolution)
+                               for im in images])
+            images = images[..., None] if images.ndim == 3 else images
+        use_labels = conditional and labels is not None and num_classes > 0
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(labels.astype(np.int64) if use_labels else np.zeros(len(images), np.int64))
+        self.num_classes = num_classes if use_labels else 0
+        self.class_names = class_names if use_labels else []
+        self.levels, self.hflip = levels, hflip
+        self.shape = (images.shape[3], images.shape[1], images.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get_batch(self, keys: Sequence[Key]) -> Fetched:
+        index, aug = zip(*map(split_key, keys))
+        idx = torch.tensor(index, dtype=torch.long)
+        x = to_float(self.images[idx], self.levels)
+        flip = torch.from_numpy(flips(aug, self.hflip))
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx], []
+
+
+def load_digits(split: str = "train", **options: object) -> ArrayDataset:
+    """scikit-learn's bundled 8x8 digits (no download)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = d.images.astype(np.uint8)[..., None]
+    part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
+    return ArrayDataset(images[part], d.target[part], num_classes=10, class_names=[str(i) for i in range(10)],
+                        levels=16, **options)  # type: ignore[arg-type]
+
+
+def _pick(keys: list[str], names: tuple[str, ...]) -> Optional[str]:
+    return next((k for k in names if k in keys), None)
+
+
+def load_npz(path: str | Path, split: str = "train", **options: object) -> ArrayDataset:
+    """Images (uint8 NHWC) and labels from an .npz file; see the module docstring for the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path {str(path)!r} is not an .npz file")
+    with np.load(path, allow_pickle=False) as f:
+        keys = list(f.files)
+        x_key = _pick(keys, ("x", "x_train") if split == "train" else ("x_test",))
+        y_key = _pick(keys, ("y", "y_train") if split == "train" else ("y_test",))
+        if x_key is None:
+            want = "x or x_train" if split == "train" else "x_test"
+            raise KeyError(f"{path} has no {want} array for split={split!r}; its keys: {', '.join(keys)}")
+        images = f[x_key]
+        labels = f[y_key] if y_key else None
+        all_labels = [f[k] for k in ("y", "y_train", "y_test") if k in keys]
+        names = [str(n) for n in f["class_names"]] if "class_names" in keys else None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ValueError(f"{path}:{x_key} must be uint8 [N, H, W] or [N, H, W, 1|3]; "
+                         f"got {images.dtype} {list(images.shape)}")
+    images = images[..., None] if images.ndim == 3 else images
+    if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
+                               or labels.min() < 0):
+        raise ValueError(f"{path}:{y_key} must hold {len(images)} integer labels >= 0; "
+                         f"got {labels.dtype} {list(labels.shape)}")
+    num_classes = int(max(int(y.max()) for y in all_labels)) + 1 if labels is not None else 0
+    names = names if names is not None and len(names) == num_classes else [str(i) for i in range(num_classes)]
+    return ArrayDataset(images, labels, num_classes=num_classes, class_names=names, **options)  # type: ignore[arg-type]

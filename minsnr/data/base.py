@@ -1,0 +1,64 @@
+"""What every dataset offers: metadata attributes, a batch fetch, and the unreadable-file rule.
+
+A dataset is indexed by keys (see `transforms.Key`): a plain index gives the un-augmented item, an
+(index, aug_seed) pair from the loader fixes the flip (and the latent posterior sample), so an item is
+a pure function of (seed, epoch, index) and a resumed run is bit-exact.
+
+Unreadable images: an image that cannot be decoded is replaced by the next readable index (index + 1,
++ 2, ... modulo the length, same aug_seed), so batches keep their size and stay deterministic. The
+skipped file is reported in the batch; `Batches` warns, counts and enforces `max_bad_fraction`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from minsnr.data.transforms import Key
+
+# x float32 [B, C, H, W], labels int64 [B], unreadable files met as (path, error).
+Fetched = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]
+
+
+class BadImagesError(RuntimeError):
+    """More unreadable images than data.max_bad_fraction allows."""
+
+
+class UnreadableImage(Exception):
+    """One image that Pillow cannot decode."""
+
+    def __init__(self, path: str, error: str) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+
+class ImageDataset(Dataset):
+    """Base class. Subclasses set the attributes and implement `get_batch`."""
+
+    num_classes: int = 0  # 0 when unconditional (labels are then all 0)
+    shape: tuple[int, int, int]  # (C, H, W) of one item
+    class_names: list[str]
+    max_bad_fraction: float = 0.01
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get_batch(self, keys: Sequence[Key]) -> Fetched:
+        """Items for `keys`, stacked; the loader's one call per batch."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, _ = self.get_batch([key])
+        return x[0], y[0]
+
+
+def too_many_bad(bad: int, total: int, limit: float) -> bool:
+    return bad > limit * total
+
+
+def bad_images_message(bad: Sequence[str], total: int, limit: float, where: str) -> str:
+    shown = "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+    return (f"{where}: {len(bad)} unreadable images out of {total} ({100 * len(bad) / max(total, 1):.2f}%) "
+            f"exceed data.max_bad_fraction={limit}; fix or remove them: {shown}")
