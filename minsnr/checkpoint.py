@@ -132,7 +132,21 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{what} does not fit the model: {err}") from None
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        more = f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else ""
+        raise CheckpointError(f"{what} does not fit the model {type(module).__name__}:\n  "
+                              + "\n  ".join(lines[:6]) + more) from None
+
+
+def resolve_model_args(cfg: Config) -> None:
+    """Write the registry preset into cfg.model.args, so the run's config and checkpoints name every
+    architecture argument and stay loadable if a preset changes later."""
+    from minsnr.models import MODELS
+
+    if cfg.model.name not in MODELS:
+        raise CheckpointError(f"unknown model {cfg.model.name!r}; valid names: {', '.join(MODELS)}")
+    preset = {k: list(v) if isinstance(v, tuple) else v for k, v in MODELS[cfg.model.name][1].items()}
+    cfg.model.args = {**preset, **cfg.model.args}
 
 
 def export_safetensors(path: str | Path, weights: dict[str, torch.Tensor], cfg: Config) -> None:

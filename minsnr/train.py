@@ -102,6 +102,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
+        ck.resolve_model_args(cfg)
         self.dataset = build_dataset(cfg.data)
         check_data_fits(cfg, self.dataset)
         self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
