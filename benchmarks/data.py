@@ -2,7 +2,8 @@
 
 Cases: JPEG folders of 64x64 and 256x256 images (decode only), ImageNet-like 500x375 JPEGs through the
 ADM crop to 64x64, and the latent dataset (32x32x4 posterior samples from a memory-mapped float16 file).
-Prints a table and writes benchmarks/results/data.json.
+Prints items per wall-clock second and per CPU second (this process and its workers; the steadier
+figure on a shared machine) and writes benchmarks/results/data.json.
 
     .venv/bin/python benchmarks/data.py [--seconds 3] [--workers 0 1 2]
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -54,18 +56,32 @@ def make_latents(folder: Path, count: int, shape: tuple[int, int, int] = (4, 32,
     return folder
 
 
-def measure(dataset: object, batch: int, workers: int, seconds: float) -> float:
-    """Items/s after a warm-up of two batches (worker start-up excluded)."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (the loader's workers); Linux /proc."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == os.getpid():  # fields[1] is the parent pid; 11 and 12 are utime and stime
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure(dataset: object, batch: int, workers: int, seconds: float) -> tuple[float, float]:
+    """(items per wall second, items per CPU second), workers started and warmed up before timing."""
     batches = Batches(dataset, batch, seed=0, num_workers=workers)  # type: ignore[arg-type]
-    for _ in range(2):
+    for _ in range(2 * workers + 2):
         next(batches)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n < 3:
+    n, cpu, start = 0, cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 3 * batch:
         x, _ = next(batches)
         n += len(x)
-    rate = n / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     batches.close()
-    return rate
+    return n / wall, n / cpu
 
 
 def main() -> None:
@@ -73,6 +89,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     a = p.parse_args()
+    torch.set_num_threads(1)  # as in DataLoader workers; workers=0 then measures one core
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -83,12 +100,13 @@ def main() -> None:
                                                            crop="adm"), 64),
             ("latent 4x32x32 fp16", LatentDataset(make_latents(t / "lat", 8192)), 256),
         ]
-        print(f"{'case':<30} {'batch':>5} {'workers':>7} {'items/s':>10}")
+        print(f"{'case':<30} {'batch':>5} {'workers':>7} {'items/s':>10} {'items/cpu-s':>12}")
         for name, dataset, batch in cases:
             for w in a.workers:
-                rate = measure(dataset, batch, w, a.seconds)
-                rows.append({"case": name, "batch": batch, "workers": w, "items_per_s": round(rate, 1)})
-                print(f"{name:<30} {batch:>5} {w:>7} {rate:>10.0f}")
+                rate, per_cpu = measure(dataset, batch, w, a.seconds)
+                rows.append({"case": name, "batch": batch, "workers": w, "items_per_s": round(rate, 1),
+                             "items_per_cpu_s": round(per_cpu, 1)})
+                print(f"{name:<30} {batch:>5} {w:>7} {rate:>10.0f} {per_cpu:>12.0f}")
     RESULTS.parent.mkdir(exist_ok=True)
     machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "load_avg_1min": os.getloadavg()[0]}

@@ -65,6 +65,17 @@ def test_ddp_shards_are_disjoint_equal_and_agree_with_one_rank() -> None:
     assert run(Batches(ds, 5, seed=0, rank=2, world_size=world), 5) == shards[2]
 
 
+def test_global_batch_is_the_same_for_any_number_of_ranks() -> None:
+    """Rank r takes positions r, r + W, ... of the epoch order: interleaving the W ranks' batches of B
+    gives the one-rank batch of W * B, item for item (what the training loop relies on)."""
+    ds, world = index_dataset(103), 3
+    ranks = [run(Batches(ds, 4, seed=5, rank=r, world_size=world), 17) for r in range(world)]
+    single = run(Batches(ds, 4 * world, seed=5), 17)  # 103 // 12 = 8 batches per epoch: crosses epochs
+    for step in range(17):
+        interleaved = [ranks[r][step][j] for j in range(4) for r in range(world)]
+        assert interleaved == single[step]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly(workers: int, tmp_path: Path) -> None:
     ds = index_dataset(50)

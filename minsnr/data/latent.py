@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from minsnr.data.base import BadImagesError, Fetched, ImageDataset, bad_images_message, too_many_bad
 from minsnr.data.loader import BatchFetch, keep_batch
-from minsnr.data.transforms import CROPS, Key, flips, split_key
+from minsnr.data.transforms import CROPS, Key, empty_batch, flips, split_key
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class LatentDataset(ImageDataset):
         index, aug = zip(*map(split_key, keys))
         idx = np.array(index, dtype=np.intp)
         m = torch.from_numpy(np.asarray(self.moments[idx, flips(aug, self.hflip).astype(np.intp)])).float()
-        z = torch.empty(len(idx), *self.shape)
+        z = empty_batch(len(idx), *self.shape)
         g = torch.Generator()
         for i, a in enumerate(aug):  # one generator per item: the sample depends on its aug_seed only
             if a is None:

@@ -12,11 +12,13 @@ Scaling to [-1, 1] and the horizontal flip work on whole batches (`to_float`, `s
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 CROPS = ("none", "adm", "celeba")
 CELEBA_CROP = 140  # ScoreSDE datasets.py: central_crop(img, 140)
@@ -68,10 +70,19 @@ def prepare(pil_image: Image.Image, crop: str, resolution: Optional[int]) -> np.
     return np.asarray(pil_image)
 
 
+def empty_batch(*shape: int) -> torch.Tensor:
+    """Uninitialised float32 tensor; inside a loader worker it is allocated in shared memory, so sending
+    it to the main process costs no copy (as torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0).new(storage).view(shape)
+
+
 def to_float(x: torch.Tensor, levels: float = 255.0) -> torch.Tensor:
     """uint8 [B, H, W, C] with values 0..levels -> float32 [B, C, H, W] in [-1, 1]."""
     b, h, w, c = x.shape
-    out = torch.empty(b, c, h, w).copy_(x.permute(0, 3, 1, 2))  # one strided pass, then contiguous ones
+    out = empty_batch(b, c, h, w).copy_(x.permute(0, 3, 1, 2))  # one strided pass, then contiguous ones
     return out.mul_(2.0 / levels).sub_(1.0)
 
 
