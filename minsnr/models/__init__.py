@@ -16,7 +16,7 @@ from minsnr.models.vit import ViT
 
 # name -> (class, preset arguments); `create_model(..., **args)` may override any preset argument.
 MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "vit_tiny": (ViT, dict(depth=4, width=96, num_heads=4)),  # CPU tests and the quickstart (8x8 digits)
+    "vit_tiny": (ViT, dict(depth=4, width=64, num_heads=4)),  # CPU tests and the quickstart (8x8 digits)
     # table 6 says 6 heads for ViT-S, which does not divide 512; 8 heads as U-ViT-Small.
     "vit_s": (ViT, dict(depth=13, width=512, num_heads=8)),
     "vit_b": (ViT, dict(depth=12, width=768, num_heads=12)),
