@@ -197,7 +197,8 @@ def test_digits_split_and_scaling() -> None:
 
 def test_npz_keys_splits_and_checks(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    x_train, x_test = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8), rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    x_train = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    x_test = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x_train=x_train, y_train=np.arange(20) % 4, x_test=x_test, y_test=np.arange(5) % 2,
              class_names=np.array(["a", "b", "c", "d"]))
     train, test = load_npz(tmp_path / "d.npz", hflip=False), load_npz(tmp_path / "d.npz", "test", hflip=False)

@@ -46,7 +46,8 @@ def build_dataset(cfg: "DataConfig", *, split: str = "train") -> ImageDataset:
         dataset = LatentDataset(cfg.path, hflip=cfg.hflip, conditional=cfg.conditional)  # type: ignore[arg-type]
         sides = (None, dataset.meta["size"], dataset.shape[-1])
         if cfg.resolution not in sides or cfg.crop not in ("none", dataset.meta["crop"]):
-            raise ValueError(f"{Path(cfg.path)} holds {dataset.shape[-1]}x{dataset.shape[-1]} latents of "  # type: ignore[arg-type]
+            side = dataset.shape[-1]
+            raise ValueError(f"{Path(cfg.path)} holds {side}x{side} latents of "  # type: ignore[arg-type]
                              f"{dataset.meta['size']}px images ({dataset.meta['crop']} crop); data.resolution="
                              f"{cfg.resolution}, data.crop={cfg.crop} do not match (set them to null/none)")
     dataset.max_bad_fraction = cfg.max_bad_fraction

@@ -158,7 +158,8 @@ def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:
         old = json.loads((out / SETTINGS).read_text())
         diff = [k for k in settings if k != "data" and old.get(k) != settings[k]]
         if diff:
-            raise ValueError(f"{out} was encoded with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
+            was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+            raise ValueError(f"{out} was encoded with other settings ({was}); "
                              "use a new --out folder or the same arguments")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,8 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
     todo = todo[:max_chunks] if max_chunks is not None else todo
     jobs = [(k, lo, list(range(lo, min(lo + batch, (k + 1) * chunk, n))))
             for k in todo for lo in range(k * chunk, min((k + 1) * chunk, n), batch)]
-    loader = DataLoader(BatchFetch(dataset), batch_size=None, sampler=jobs, num_workers=num_workers, collate_fn=keep_batch)
+    loader = DataLoader(BatchFetch(dataset), batch_size=None, sampler=jobs, num_workers=num_workers,
+                        collate_fn=keep_batch)
     chunk_bad: list[list[str]] = []
     with tqdm(total=sum(len(keys) for *_, keys in jobs), unit="img", desc=f"encode rank {rank}/{world}",
               disable=rank != 0) as bar:

@@ -94,7 +94,8 @@ class Batches:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size <= 0 or num_workers < 0 or seed < 0:
-            raise ValueError(f"need batch_size > 0, num_workers >= 0, seed >= 0; got {batch_size}, {num_workers}, {seed}")
+            raise ValueError(f"need batch_size > 0, num_workers >= 0, seed >= 0; "
+                             f"got {batch_size}, {num_workers}, {seed}")
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
         self.sharding = Sharding(len(dataset), seed, rank, world_size, batch_size, drop_last)
         self.max_bad_fraction = dataset.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
@@ -113,8 +114,9 @@ class Batches:
         return self._epoch
 
     def _start(self) -> Iterator[Any]:
-        loader = DataLoader(BatchFetch(self.dataset), batch_size=None, sampler=self.sharding.jobs(self._epoch, self._batch),
-                            num_workers=self.num_workers, collate_fn=keep_batch, pin_memory=self.pin_memory)
+        jobs = self.sharding.jobs(self._epoch, self._batch)
+        loader = DataLoader(BatchFetch(self.dataset), batch_size=None, sampler=jobs, num_workers=self.num_workers,
+                            collate_fn=keep_batch, pin_memory=self.pin_memory)
         return iter(loader)
 
     def __iter__(self) -> "Batches":
