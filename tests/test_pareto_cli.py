@@ -16,15 +16,6 @@ from minsnr.pareto.common import with_data_overrides
 from minsnr.pareto.compare import FIGURE4
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads run ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A checkpoint as the trainer writes it; weights perturbed so every layer gets gradients."""
@@ -44,7 +35,8 @@ def checkpoint(tmp_path_factory):
 
 def test_pareto_cli_writes_table_json_and_figures(checkpoint, tmp_path, capsys):
     out = tmp_path / "p"
-    rc = pareto_cli.main([str(checkpoint), "--tasks", "4", "--batch", "2", "--lambda", "0", "--device", "cpu",
+    rc = pareto_cli.main([str(checkpoint), "--tasks", "4", "--batch", "2", "--lambda", "0.5", "--relative-lambda",
+                          "--device", "cpu",
                           "--block", "2", "--instability", "--sizes", "1,2", "--repeats", "2", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -52,11 +44,13 @@ def test_pareto_cli_writes_table_json_and_figures(checkpoint, tmp_path, capsys):
     report = json.loads((out / "pareto.json").read_text())
     gram = np.array(report["gram"])
     assert gram.shape == (4, 4) and np.all(np.linalg.eigvalsh(gram) > -1e-9 * np.trace(gram))
+    lam = report["lambda"]
+    assert lam == pytest.approx(0.5 * np.trace(gram) / 4) and report["lambda_relative"] == pytest.approx(0.5)
     res = report["results"]
     assert set(res) == set(FIGURE4) | {"ugd", "frank_wolfe"}
     for name, r in res.items():
         w = np.array(r["weights"])
-        assert w.sum() == pytest.approx(1.0) and r["objective"] == pytest.approx(w @ gram @ w, rel=1e-9)
+        assert w.sum() == pytest.approx(1.0) and r["objective"] == pytest.approx(w @ gram @ w + lam * w @ w, rel=1e-9)
         assert r["objective"] >= res["frank_wolfe"]["objective"] * (1 - 1e-9)
     assert 0 <= report["neg_cos_frac"] <= 1 and len(report["task_losses"]) == 4
     for name in ("pareto.png", "cosine.png", "instability.png", "instability.json"):

@@ -13,18 +13,11 @@ from minsnr.config import Config
 from minsnr.pareto.compare import FIGURE4, compare, fixed_weights, instability
 from minsnr.pareto.gram import (equal_ranges, gram_matrix, make_task_batch, sampled_ranges, task_gradients,
                                 task_losses)
-from minsnr.pareto.monitor import pareto_metrics
+from minsnr.data import ArrayDataset
+from minsnr.pareto.monitor import make_pareto_hook, pareto_metrics
 from minsnr.schedule import make_schedule
+from minsnr.train import HookContext
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads run ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 class TinyNet(nn.Module):
     """forward(x, t, labels) -> same shape, with time and class conditioning and dropout (to be disabled)."""
@@ -212,3 +205,20 @@ def test_instability_shapes_and_spread():
         assert w.shape == (3, 3) and np.allclose(w.sum(1), 1) and (w >= 0).all()
         assert e["spread"] == pytest.approx(w.std(0).mean())
         assert e["spread"] > 0  # different images give different optima
+
+
+def test_training_hook_uses_a_fixed_batch(tmp_path):
+    model, sched, _ = setup()
+    model.float()
+    images = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 1), dtype=np.uint8)
+    data = ArrayDataset(images, np.arange(20) % 3, num_classes=3, class_names=["a", "b", "c"], hflip=True)
+    cfg = Config()
+    cfg.loss.weighting, cfg.train.seed = "soft_min_snr", 3
+    hook = make_pareto_hook(cfg, images=4, num_tasks=3)
+    ctx = HookContext(10, model, model, cfg, sched, torch.device("cpu"), tmp_path, data)
+    first, again = hook(ctx), hook(ctx)
+    assert first == again  # same images, timesteps and noise every call
+    idx = torch.randperm(20, generator=torch.Generator().manual_seed(3))[:4].tolist()
+    x, y, _ = data.get_batch(idx)  # un-augmented items
+    assert first == pareto_metrics(model, x, y, sched, cfg, num_tasks=3, seed=3)
+    assert set(first) == {"pareto/objective_soft_min_snr", "pareto/objective_ugd", "pareto/neg_cos_frac"}

@@ -70,12 +70,13 @@ def negative_cosine_fraction(gram: ArrayLike) -> float:
 
 
 def instability(model: nn.Module, draw: ImageSampler, schedule: Schedule, target: str, ranges: list[Range], *,
-                sizes: list[int], repeats: int, lam: float = 0.0, seed: int = 0, block: int | None = None,
-                micro_batch: int | None = None) -> list[dict[str, Any]]:
+                sizes: list[int], repeats: int, lam: float = 0.0, relative_lambda: bool = False, seed: int = 0,
+                block: int | None = None, micro_batch: int | None = None) -> list[dict[str, Any]]:
     """Figure 3: UGD weights from n fresh images per task (n in `sizes`), `repeats` times each.
 
     `draw(m, generator)` returns m images [m, C, H, W] and labels (or None). The spread of a size is the
-    mean over tasks of the standard deviation of the weight across repeats.
+    mean over tasks of the standard deviation of the weight across repeats. relative_lambda: lambda is
+    in units of each Gram matrix's mean diagonal trace(G) / K.
     """
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -86,7 +87,8 @@ def instability(model: nn.Module, draw: ImageSampler, schedule: Schedule, target
             x0, labels = draw(n * len(ranges), gen)
             batch = make_task_batch(x0, labels, ranges, share=False, generator=gen).to(device)
             gram = gram_matrix(model, batch, schedule, target, block=block, micro_batch=micro_batch)
-            weights.append(ugd(gram.numpy(), lam).weights)
+            scale = float(gram.diagonal().mean()) if relative_lambda else 1.0
+            weights.append(ugd(gram.numpy(), lam * scale).weights)
         w = np.stack(weights)
         out.append({"samples_per_task": n, "weights": w.tolist(), "mean": w.mean(0).tolist(),
                     "std": w.std(0).tolist(), "spread": float(w.std(0).mean())})

@@ -1,7 +1,7 @@
 """`minsnr conflict CHECKPOINT --ranges 100:200,200:300,300:400 --steps N`: figure 2 of the paper.
 
 Fine-tunes a copy of the model on each timestep range only (the run's own loss: its target, weighting,
-label dropout and AdamW settings; t uniform in the range), then measures the change of the unweighted
+label dropout and AdamW settings, a tenth of its learning rate; t uniform in the range), then measures the change of the unweighted
 x0-space loss in every one of `--bins` equal timestep bins on fixed held images, timesteps and noise.
 Negative cells: fine-tuning that range helped that bin; positive: it hurt. Writes conflict.json and
 conflict.png to --out.
@@ -87,7 +87,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ranges", default="100:200,200:300,300:400", help="fine-tuning ranges LO:HI,... "
                                                                       "(default 100:200,200:300,300:400)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per range (default 200)")
-    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's optim.lr)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's optim.lr / 10, as a "
+                                            "fresh AdamW on EMA weights otherwise takes steps large enough to "
+                                            "raise the loss everywhere)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size (default 64)")
     p.add_argument("--bins", type=int, default=10, help="equal timestep bins to measure (default 10)")
     p.add_argument("--eval-images", type=int, default=64, help="held images per bin (default 64)")
@@ -109,12 +111,13 @@ def main(argv: list[str]) -> int:
         gen = torch.Generator().manual_seed(args.seed)
         x0, labels = draw(loaded, args.eval_images, gen)
         eval_batch = make_task_batch(x0, labels, equal_ranges(t_count, args.bins), generator=gen).to(loaded.device)
-        report = conflict(loaded, ranges, eval_batch, steps=args.steps, lr=args.lr or loaded.cfg.optim.lr,
-                          batch_size=args.batch_size, seed=args.seed)
+        args.lr = args.lr or loaded.cfg.optim.lr / 10
+        report = conflict(loaded, ranges, eval_batch, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          seed=args.seed)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"minsnr conflict: {err}", file=sys.stderr)
         return 2
-    report.update(checkpoint=str(args.checkpoint), steps=args.steps, lr=args.lr or loaded.cfg.optim.lr,
+    report.update(checkpoint=str(args.checkpoint), steps=args.steps, lr=args.lr,
                   batch_size=args.batch_size, eval_images=args.eval_images, seed=args.seed)
     out = out_dir(args, "conflict")
     (out / "conflict.json").write_text(json.dumps(report, indent=1))

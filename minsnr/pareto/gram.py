@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -116,8 +116,9 @@ def _chunks(idx: Tensor, micro_batch: int | None) -> list[Tensor]:
     return list(idx.split(micro_batch)) if micro_batch else [idx]
 
 
-def _take(labels: Tensor | None, i: Tensor) -> Tensor | None:
-    return None if labels is None else labels[i]
+def _mse(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, i: Tensor) -> Tensor:
+    labels = None if batch.labels is None else batch.labels[i]
+    return x0_mse(model, batch.x0[i], labels, batch.t[i], batch.noise[i], schedule, target)
 
 
 def task_losses(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, *,
@@ -126,10 +127,10 @@ def task_losses(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: 
     out = torch.zeros(batch.num_tasks, dtype=torch.float64)
     with torch.no_grad(), eval_mode(model):
         for k in range(batch.num_tasks):
-            for i in _chunks(batch.indices(k), micro_batch):
-                mse = x0_mse(model, batch.x0[i], _take(batch.labels, i), batch.t[i], batch.noise[i], schedule, target)
-                out[k] += mse.double().sum().cpu()
-            out[k] /= len(batch.indices(k))
+            idx = batch.indices(k)
+            for i in _chunks(idx, micro_batch):
+                out[k] += _mse(model, batch, schedule, target, i).double().sum().cpu()
+            out[k] /= len(idx)
     return out
 
 
@@ -146,7 +147,7 @@ def task_gradient(model: nn.Module, batch: TaskBatch, schedule: Schedule, target
     dtype = torch.promote_types(params[0].dtype, torch.float32)
     flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
     for i in _chunks(idx, micro_batch):
-        mse = x0_mse(model, batch.x0[i], _take(batch.labels, i), batch.t[i], batch.noise[i], schedule, target)
+        mse = _mse(model, batch, schedule, target, i)
         grads = torch.autograd.grad(mse.sum() / len(idx), params, allow_unused=True)
         flat += torch.cat([(torch.zeros_like(p) if g is None else g).flatten().to(dtype)
                            for g, p in zip(grads, params)])
@@ -157,8 +158,19 @@ def task_gradients(model: nn.Module, batch: TaskBatch, schedule: Schedule, targe
                    micro_batch: int | None = None) -> Tensor:
     """All K flattened gradients [K, P]; needs K P floats of memory."""
     with eval_mode(model):
-        return torch.stack([task_gradient(model, batch, schedule, target, k, micro_batch=micro_batch)
-                            for k in range(batch.num_tasks)])
+        return _stacked(lambda k: task_gradient(model, batch, schedule, target, k, micro_batch=micro_batch),
+                        range(batch.num_tasks))
+
+
+def _stacked(grad: Callable[[int], Tensor], tasks: range) -> Tensor:
+    """Gradients of `tasks` as rows of one preallocated matrix (no second copy, unlike torch.stack)."""
+    first = grad(tasks[0])
+    out = first.new_empty(len(tasks), first.numel())
+    out[0] = first
+    del first
+    for j, k in enumerate(tasks[1:], start=1):
+        out[j] = grad(k)
+    return out
 
 
 def dot64(a: Tensor, b: Tensor) -> Tensor:
@@ -184,7 +196,7 @@ def gram_matrix(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: 
 
         for s in starts:
             e = min(s + block, k_total)
-            held = torch.stack([grad(k) for k in range(s, e)])  # [e - s, P]
+            held = _stacked(grad, range(s, e))  # [e - s, P]
             gram[s:e, s:e] = dot64(held, held).cpu()
             for other in range(e, k_total):  # stream the remaining tasks past the held block
                 col = dot64(held, grad(other)[None]).cpu()[:, 0]

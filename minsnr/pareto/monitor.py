@@ -3,14 +3,20 @@ the UGD optimum, and the share of conflicting task-gradient pairs, on a small fi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 from torch import Tensor, nn
 
 from minsnr.config import Config
+from minsnr.pareto.common import labels_for
 from minsnr.pareto.compare import fixed_weights, negative_cosine_fraction
 from minsnr.pareto.gram import equal_ranges, gram_matrix, make_task_batch
 from minsnr.pareto.solvers import objective, ugd
 from minsnr.schedule import Schedule
+
+if TYPE_CHECKING:
+    from minsnr.train import HookContext
 
 
 def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule: Schedule, cfg: Config, *,
@@ -33,3 +39,23 @@ def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule
         "pareto/objective_ugd": ugd(gram, lam).objective,
         "pareto/neg_cos_frac": negative_cosine_fraction(gram),
     }
+
+
+def make_pareto_hook(cfg: Config, *, images: int = 8, num_tasks: int = 10,
+                     lam: float = 0.0) -> Callable[["HookContext"], dict[str, float]]:
+    """The trainer's `train.pareto_every` hook: `pareto_metrics` of the training weights (ctx.model) on
+    `images` un-augmented training images chosen once by train.seed."""
+    fixed: list[tuple[Tensor, Tensor | None]] = []
+
+    def hook(ctx: "HookContext") -> dict[str, float]:
+        if not fixed:
+            gen = torch.Generator().manual_seed(cfg.train.seed)
+            idx = torch.randperm(len(ctx.dataset), generator=gen)[:images].tolist()
+            x, y, _ = ctx.dataset.get_batch(idx)
+            labels = labels_for(ctx.model, ctx.dataset, y)
+            fixed.append((x.to(ctx.device), None if labels is None else labels.to(ctx.device)))
+        x0, labels = fixed[0]
+        return pareto_metrics(ctx.model, x0, labels, ctx.schedule, cfg, num_tasks=num_tasks, lam=lam,
+                              seed=cfg.train.seed)
+
+    return hook
