@@ -76,6 +76,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default
     pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
 
 
@@ -198,7 +199,7 @@ def validate(cfg: Config) -> None:
         _positive(name, getattr(cfg.optim, name.split(".")[1]))
     for name in ("optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "model.num_classes",
                  "log.preview_every", "log.eval_every", "checkpoint.every", "train.pareto_every",
-                 "sample.cfg_scale", "data.num_workers"):
+                 "sample.cfg_scale", "data.num_workers", "train.threads"):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key), allow_zero=True)
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -98,6 +98,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed + self.rank)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -282,6 +284,7 @@ class Trainer:
                     metrics = self.stats.read_and_reset()
                     now = time.perf_counter()
                     metrics.update(lr=self._lr(), grad_norm=float(self.grad_norm), epoch=self.batches.epoch,
+                                   bad_images=len(self.batches.bad_files),
                                    img_per_s=images_per_step * (self.step - tick_step) / max(now - tick, 1e-9))
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
                     last = metrics
