@@ -23,8 +23,11 @@ TINY = ["model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}", "train.
         "optim.warmup_steps=2", "ema.decay=0.9"]
 
 
-def tiny_cfg(run_dir: Path, *extra: str):
-    return load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, f"run_dir={run_dir}", *extra])
+def tiny_cfg(run_dir: Path, *extra: str, model_args: dict | None = None):
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, f"run_dir={run_dir}", *extra])
+    if model_args is not None:  # replace (YAML overrides merge into) the architecture arguments
+        cfg.model.args = model_args
+    return cfg
 
 
 def states_equal(a: dict, b: dict) -> None:
@@ -40,10 +43,16 @@ def states_equal(a: dict, b: dict) -> None:
     assert a["step"] == b["step"] and a["data"] == b["data"]
 
 
-def test_resume_is_bit_exact(tmp_path):
-    train(tiny_cfg(tmp_path / "one", "train.steps=6"))
-    train(tiny_cfg(tmp_path / "two", "train.steps=3", "checkpoint.every=3"))
-    out = train(tiny_cfg(tmp_path / "two", "train.steps=6", "checkpoint.every=3"))
+UNET_DROPOUT = dict(extra=["model.name=unet_tiny", "data.num_workers=1"], model_args={"dropout": 0.3})
+
+
+@pytest.mark.parametrize("variant", [dict(extra=[], model_args=None), UNET_DROPOUT], ids=["vit", "unet_dropout_workers"])
+def test_resume_is_bit_exact(tmp_path, variant):
+    """Dropout draws from the global RNG and workers are restarted: both must resume exactly."""
+    extra, args = variant["extra"], variant["model_args"]
+    train(tiny_cfg(tmp_path / "one", "train.steps=6", *extra, model_args=args))
+    train(tiny_cfg(tmp_path / "two", "train.steps=3", "checkpoint.every=3", *extra, model_args=args))
+    out = train(tiny_cfg(tmp_path / "two", "train.steps=6", "checkpoint.every=3", *extra, model_args=args))
     assert out["step"] == 6
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.pt")

@@ -116,7 +116,8 @@ class Batches:
     def _start(self) -> Iterator[Any]:
         jobs = self.sharding.jobs(self._epoch, self._batch)
         loader = DataLoader(BatchFetch(self.dataset), batch_size=None, sampler=jobs, num_workers=self.num_workers,
-                            collate_fn=keep_batch, pin_memory=self.pin_memory)
+                            collate_fn=keep_batch, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.sharding.seed))  # not the global RNG
         return iter(loader)
 
     def __iter__(self) -> "Batches":
