@@ -21,7 +21,8 @@ from minsnr.checkpoint import CheckpointError
 from minsnr.config import ConfigError
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
 from minsnr.pareto.compare import compare, cosine_matrix, instability, negative_cosine_fraction
-from minsnr.pareto.gram import Range, auto_block, equal_ranges, gram_matrix, make_task_batch, sampled_ranges, task_losses
+from minsnr.pareto.gram import (Range, auto_block, equal_ranges, gram_matrix, make_task_batch, sampled_ranges,
+                                task_losses)
 from minsnr.pareto.plots import LABELS, plot_cosines, plot_instability, plot_objectives
 
 

@@ -91,6 +91,7 @@ def draw(loaded: Loaded, n: int, generator: torch.Generator) -> tuple[Tensor, Te
 
 
 def out_dir(args: argparse.Namespace, name: str) -> Path:
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"{Path(args.checkpoint).stem}_{name}"
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt.resolve().parent / f"{ckpt.stem}_{name}"
     out.mkdir(parents=True, exist_ok=True)
     return out

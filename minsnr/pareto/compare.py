@@ -27,7 +27,8 @@ FIGURE4: dict[str, tuple[str, float | None]] = {
 ImageSampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor | None]]
 
 
-def fixed_weights(schedule: Schedule, ranges: list[Range], strategy: str, gamma: float | None = None) -> NDArray[np.float64]:
+def fixed_weights(schedule: Schedule, ranges: list[Range], strategy: str,
+                  gamma: float | None = None) -> NDArray[np.float64]:
     """Task weights of a fixed strategy: its x0-space weight (section 3.4) averaged over each task's
     timestep range, normalised to sum to 1."""
     snr = schedule.snr(torch.arange(schedule.num_timesteps, device=schedule.alphas_cumprod.device)).cpu().double()

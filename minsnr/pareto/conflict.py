@@ -1,10 +1,10 @@
 """`minsnr conflict CHECKPOINT --ranges 100:200,200:300,300:400 --steps N`: figure 2 of the paper.
 
 Fine-tunes a copy of the model on each timestep range only (the run's own loss: its target, weighting,
-label dropout and AdamW settings, a tenth of its learning rate; t uniform in the range), then measures the change of the unweighted
-x0-space loss in every one of `--bins` equal timestep bins on fixed held images, timesteps and noise.
-Negative cells: fine-tuning that range helped that bin; positive: it hurt. Writes conflict.json and
-conflict.png to --out.
+label dropout and AdamW settings at a tenth of its learning rate; t uniform in the range), then measures
+the change of the unweighted x0-space loss in every one of `--bins` equal timestep bins on fixed images,
+timesteps and noise. Negative cells: fine-tuning that range helped that bin; positive: it hurt.
+Writes conflict.json and conflict.png to --out.
 """
 
 from __future__ import annotations
