@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import Config, ConfigError, load_config
+from minsnr.data import BadImagesError
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
 
@@ -75,11 +78,14 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))
-    except (ConfigError, CheckpointError, NonFiniteLoss, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError) as err:
         print(f"minsnr train: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        if dist.is_initialized():  # a clean stop on every rank, also when one rank failed alone
+            dist.destroy_process_group()
     run = Path(result["run_dir"])
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if os.environ.get("RANK", "0") == "0":  # torchrun sets RANK; print once
         print(f"\ntrained to step {result['step']}; outputs in {run}/:")
         for name, what in [("samples.png", "latest EMA sample grid"), ("checkpoints/latest.pt", "checkpoint (resume=auto)"),
                            ("ema.safetensors", "EMA weights"), ("metrics.jsonl", "metrics"),
