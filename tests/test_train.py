@@ -3,6 +3,7 @@
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,14 +67,17 @@ def test_sigkill_then_resume(tmp_path):
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *TINY,
            f"run_dir={run}", "train.steps=400", "checkpoint.every=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = run / "checkpoints" / "latest.pt"
-    deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))  # land anywhere: mid-step, mid-write, mid-rename
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        latest = run / "checkpoints" / "latest.pt"
+        deadline = time.time() + 300
+        while not latest.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 1.5))  # land anywhere: mid-step, mid-write, mid-rename
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert latest.exists(), log.read_text()[-3000:]
     state = load_checkpoint(latest)  # the last checkpoint always loads
     assert 1 <= state["step"] < 400
     leftovers = [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
@@ -136,7 +140,10 @@ def test_wrong_model_for_checkpoint(tmp_path):
 def test_torchrun_two_ranks_match_one(tmp_path):
     common = [*TINY, "train.steps=4", "checkpoint.every=4", "data.num_workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8",
            f"run_dir={tmp_path / 'ddp'}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
