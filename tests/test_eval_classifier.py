@@ -12,17 +12,18 @@ from minsnr.evaluate import classifier, fid
 from minsnr.evaluate.frechet import feature_stats
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
-pytestmark = pytest.mark.skipif(not MNIST.is_file(), reason=f"{MNIST} not found (shared test data)")
 
 
 @pytest.fixture(scope="module")
 def mnist():
+    if not MNIST.is_file():
+        pytest.skip(f"{MNIST} not found (shared test data)")
     with np.load(MNIST) as z:
         return {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(mnist, tmp_path_factory) -> Path:
     """Trained once through the CLI: 2 epochs on a seeded 20K subset (MNIST is stored sorted by class)."""
     out = tmp_path_factory.mktemp("cls") / "mnist"
     assert classifier.main([str(MNIST), "--out", str(out), "--epochs", "2", "--limit", "20000"]) == 0
@@ -90,7 +91,25 @@ def test_classifier_rejects_other_image_shapes(trained):
         classifier.load_classifier(trained.parent / "missing")
 
 
-def test_digits_data_split():
+def test_digits_split_matches_the_data_layer():
+    from minsnr.config import DataConfig
+    from minsnr.data import build_dataset
+    from minsnr.evaluate.images import to_uint8
+
     x, y, xt, yt = classifier.load_labelled("digits")
     assert x.shape[1:] == (8, 8, 1) and x.dtype == np.uint8 and x.max() == 255
-    assert len(x) + len(xt) == 1797 and abs(len(xt) - 359) <= 1 and set(np.unique(yt)) == set(range(10))
+    for split, (images, labels) in {"train": (x, y), "test": (xt, yt)}.items():
+        ds = build_dataset(DataConfig(source="digits", hflip=False), split=split)
+        xs, ys, _ = ds.get_batch(list(range(len(ds))))
+        assert np.array_equal(to_uint8(xs), images) and np.array_equal(ys.numpy(), labels)
+
+
+def test_npz_without_test_split_holds_out_a_tenth(tmp_path):
+    x = np.arange(50 * 4 * 4, dtype=np.int64).reshape(50, 4, 4).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=x, arr_1=np.arange(50) % 3)
+    xa, ya, xb, yb = classifier.load_labelled(str(tmp_path / "d.npz"))
+    assert xa.shape == (45, 4, 4, 1) and xb.shape == (5, 4, 4, 1)
+    assert sorted(np.concatenate([ya, yb]).tolist()) == sorted((np.arange(50) % 3).tolist())
+    with pytest.raises(KeyError, match="arrays in the file"):
+        np.savez(tmp_path / "e.npz", images=x)
+        classifier.load_labelled(str(tmp_path / "e.npz"))

@@ -153,32 +153,31 @@ def train_classifier(x: np.ndarray, y: np.ndarray, *, epochs: int = 3, batch_siz
 
 def load_labelled(data: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """-> x_train, y_train, x_test, y_test (uint8 NHWC, int64). `data`: "digits" (scikit-learn's 8x8 digits,
-    values 0..16 scaled to 0..255, last 20% of a seeded shuffle held out), or an npz with x_train/y_train
-    (+ x_test/y_test, e.g. mnist.npz or a decoded CIFAR-10) or arr_0/arr_1 (10% held out)."""
+    values 0..16 scaled to 0..255, split as minsnr.data: first 1617 train, last 180 test), or an npz with
+    x_train/y_train (+ x_test/y_test, e.g. mnist.npz or a decoded CIFAR-10), x/y or arr_0/arr_1 (the last
+    10% of a seeded shuffle held out when there is no test split)."""
     if data == "digits":
         from sklearn.datasets import load_digits
+
+        from minsnr.data.arrays import DIGITS_TRAIN
 
         d = load_digits()
         x = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
         y = d.target.astype(np.int64)
-        holdout = 0.2
-    else:
-        if not Path(data).is_file():
-            raise FileNotFoundError(f"classifier data {data!r} not found; give 'digits' or an .npz file with "
-                                    "x_train/y_train (optionally x_test/y_test) or arr_0/arr_1")
-        with np.load(data) as z:
-            if "x_train" in z and "y_train" in z:
-                x, y = z["x_train"], z["y_train"].astype(np.int64)
-                if "x_test" in z and "y_test" in z:
-                    return _nhwc(x), y, _nhwc(z["x_test"]), z["y_test"].astype(np.int64)
-            elif "arr_0" in z and "arr_1" in z:
-                x, y = z["arr_0"], z["arr_1"].astype(np.int64)
-            else:
-                raise KeyError(f"{data}: needs x_train/y_train or arr_0/arr_1; arrays in the file: {list(z.keys())}")
-        x, holdout = _nhwc(x), 0.1
+        return x[:DIGITS_TRAIN], y[:DIGITS_TRAIN], x[DIGITS_TRAIN:], y[DIGITS_TRAIN:]
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"classifier data {data!r} not found; give 'digits' or an .npz file with "
+                                "x_train/y_train (optionally x_test/y_test), x/y or arr_0/arr_1")
+    with np.load(data) as z:
+        pair = next(((a, b) for a, b in (("x_train", "y_train"), ("x", "y"), ("arr_0", "arr_1"))
+                     if a in z and b in z), None)
+        if pair is None:
+            raise KeyError(f"{data}: needs x_train/y_train, x/y or arr_0/arr_1; arrays in the file: {list(z.keys())}")
+        x, y = _nhwc(z[pair[0]]), z[pair[1]].astype(np.int64)
+        if "x_test" in z and "y_test" in z:
+            return x, y, _nhwc(z["x_test"]), z["y_test"].astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(x))
-    n_test = int(round(holdout * len(x)))
-    train, test = perm[:-n_test], perm[-n_test:]
+    train, test = perm[: len(x) - len(x) // 10], perm[len(x) - len(x) // 10:]
     return x[train], y[train], x[test], y[test]
 
 

@@ -90,18 +90,16 @@ def _source_id(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{count}"
 
 
-def cached_stats(ref: str | Path, tag: str, compute: Callable[[], Stats]) -> Stats:
-    """Statistics of `ref` for features `tag`, from REF.<tag>.stats.npz when it is current, else computed
-    and written there (a warning, not an error, when REF's folder is read-only)."""
-    ref = Path(ref)
-    cache = ref.with_name(ref.name + f".{tag}.stats.npz")
-    source = _source_id(ref)
+def cached_stats(cache: Path, source: str, compute: Callable[[], Stats]) -> Stats:
+    """Statistics from the file `cache` if it was written for the same `source` id, else computed and
+    written there (a warning, not an error, when the folder is read-only)."""
     if cache.is_file():
         with np.load(cache) as z:
             if str(z["source"]) == source:
                 return z["mu"], z["sigma"]
     mu, sigma = compute()
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npz")
         np.savez(tmp, mu=mu, sigma=sigma, source=source)
         tmp.replace(cache)
@@ -110,20 +108,23 @@ def cached_stats(ref: str | Path, tag: str, compute: Callable[[], Stats]) -> Sta
     return mu, sigma
 
 
-def _file_tag(path: str | Path) -> str:
+def file_tag(path: str | Path) -> str:
+    """Short content hash: cached statistics follow the weights, not the file name."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
 
 
 def reference_stats(ref: str | Path, fn: FeatureFn, tag: str, *, batch_size: int = 100,
                     key: str | None = None) -> Stats:
-    """(mu, sigma) of REF: an ADM batch's own mu/sigma for Inception features, else computed and cached."""
+    """(mu, sigma) of REF: an ADM batch's own mu/sigma for Inception features, else computed and cached
+    in REF.<tag>.stats.npz while REF's size and modification time (a folder's: also its listing) hold."""
     ref = Path(ref)
     if tag.startswith("inception") and ref.suffix == ".npz":
         with np.load(ref) as z:
             if "mu" in z and "sigma" in z:
                 return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
     images = open_images(ref, key)
-    return cached_stats(ref, tag, lambda: compute_stats(images.batches(batch_size), fn))
+    cache = ref.with_name(ref.name + f".{tag}.stats.npz")
+    return cached_stats(cache, f"{images.key}:{_source_id(ref)}", lambda: compute_stats(images.batches(batch_size), fn))
 
 
 def compute_fid(samples: str | Path, ref: str | Path, *, features: str = "inception",
@@ -135,7 +136,7 @@ def compute_fid(samples: str | Path, ref: str | Path, *, features: str = "incept
     sample_set: ImageSet = open_images(samples)
     if features == "inception":
         fn = inception_fn(load_inception(inception_weights, dev).eval(), dev)
-        tag = "inception" if inception_weights is None else f"inception-{_file_tag(inception_weights)}"
+        tag = "inception" if inception_weights is None else f"inception-{file_tag(inception_weights)}"
         ref_stats = reference_stats(ref, fn, tag, batch_size=batch_size, key=ref_key)
         mu, sigma = compute_stats(sample_set.batches(batch_size), fn)
         return {"fid": frechet_distance(mu, sigma, *ref_stats), "num_samples": sample_set.count}
@@ -143,7 +144,7 @@ def compute_fid(samples: str | Path, ref: str | Path, *, features: str = "incept
         if classifier is None:
             raise ValueError("--features classifier needs --classifier PATH (from `minsnr train-classifier`)")
         model, meta = load_classifier(classifier, dev)
-        tag = f"fid_cls-{_file_tag(classifier_paths(classifier)[0])}"
+        tag = f"fid_cls-{file_tag(classifier_paths(classifier)[0])}"
         ref_stats = reference_stats(ref, feature_fn(model, meta, dev), tag, batch_size=batch_size, key=ref_key)
         out = fid_cls(model, meta, sample_set.batches(batch_size), ref_stats, sample_set.labels, dev)
         return {**out, "num_samples": sample_set.count}

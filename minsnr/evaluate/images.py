@@ -7,6 +7,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -36,25 +37,34 @@ def write_npz(path: str | Path, batches: Iterable[np.ndarray], count: int, label
     time, into an uncompressed npz that np.load and ADM's evaluator read; atomic (temporary file + rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    written, shape = 0, None
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            for batch in batches:
-                if shape is None:
-                    shape = (count, *batch.shape[1:])
-                    header = {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                              "shape": shape}
-                    npy_format.write_array_header_1_0(f, header)
-                if batch.dtype != np.uint8 or batch.shape[1:] != shape[1:]:
-                    raise ValueError(f"batch {batch.dtype} {batch.shape} does not match uint8 {shape}")
-                f.write(np.ascontiguousarray(batch).tobytes())
-                written += len(batch)
-        if written != count:
-            raise ValueError(f"expected {count} images, got {written}")
-        if labels is not None:
-            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-                npy_format.write_array(f, np.asarray(labels, dtype=np.int64))
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                written = _write_images(f, batches, count)
+            if written != count:
+                raise ValueError(f"expected {count} images, got {written}")
+            if labels is not None:
+                with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                    npy_format.write_array(f, np.asarray(labels, dtype=np.int64))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def _write_images(f: BinaryIO, batches: Iterable[np.ndarray], count: int) -> int:
+    """.npy header for uint8 [count, H, W, C] (shape from the first batch), then the batches' bytes."""
+    written, shape = 0, None
+    for batch in batches:
+        if shape is None:
+            shape = (count, *batch.shape[1:])
+            npy_format.write_array_header_1_0(f, {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)),
+                                                  "fortran_order": False, "shape": shape})
+        if batch.dtype != np.uint8 or batch.shape[1:] != shape[1:]:
+            raise ValueError(f"batch {batch.dtype} {batch.shape} does not match uint8 {shape}")
+        f.write(np.ascontiguousarray(batch).tobytes())
+        written += len(batch)
+    return written
 
 
 @dataclass

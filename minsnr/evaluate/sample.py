@@ -1,0 +1,190 @@
+"""`minsnr sample CHECKPOINT --num 50000 --out samples.npz`: class-balanced samples for FID (section 4.1,
+appendix C.3: EMA model, EDM Heun sampler, classifier-free guidance).
+
+Output: ADM's format, `arr_0` uint8 [N, H, W, C] and, for class-conditional models, `arr_1` int64 labels
+(unconditional models: no `arr_1`). Labels are balanced (class counts differ by at most one) and shuffled
+by --seed. Work is split into chunks of --batch images, chunk i drawn with noise seeded by (seed, i) and
+written to OUT.chunks/; a rerun after an interruption skips the finished chunks and gives exactly the
+output of an uninterrupted run. Under torchrun, rank r draws chunks r, r + world, ...; rank 0 assembles
+OUT and removes the chunk folder. Latent models (data.source=latent) are decoded through the VAE named
+in the latent folder's meta.json (--latents DIR if the training path is not on this machine).
+
+    torchrun --nproc_per_node 8 -m minsnr sample ckpt.pt --num-images 50000 --cfg-scale 1.5 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from minsnr.config import Config
+from minsnr.evaluate.images import to_uint8, write_npz
+from minsnr.schedule import make_schedule
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+
+def balanced_labels(num: int, num_classes: int, seed: int) -> np.ndarray:
+    """num labels, each class num // K or num // K + 1 times, in a seeded random order."""
+    return np.random.default_rng(seed).permutation(np.arange(num) % num_classes).astype(np.int64)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def latent_decoder(cfg: Config, device: torch.device, latents: str | None = None) -> Decode | None:
+    """None for pixel models; else scaled latents -> images in [-1, 1] through the run's VAE."""
+    if cfg.data.source != "latent":
+        return None
+    from minsnr.data.latent import decode_latents, load_vae, read_meta
+
+    root = latents or cfg.data.path
+    if not root:
+        raise FileNotFoundError("latent model without a latent folder: pass --latents DIR (with meta.json)")
+    meta = read_meta(root)
+    vae = load_vae(meta["vae"], device)
+    return lambda z: torch.cat([decode_latents(vae, part, meta["scale_factor"]) for part in z.split(32)])
+
+
+def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num: int, seed: int, *,
+                  device: torch.device, decode: Decode | None = None, sampler: str | None = None,
+                  steps: int | None = None, cfg_scale: float | None = None) -> np.ndarray:
+    """`num` uint8 [N, H, W, C] images from `model` with the noise of torch.Generator(seed); sampler
+    settings default to cfg.sample."""
+    from minsnr.sampling import generate
+
+    m, s = cfg.model, cfg.sample
+    gen = torch.Generator(device=device).manual_seed(seed)
+    y = None if labels is None else torch.as_tensor(labels, device=device)
+    x = generate(model, make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps), cfg.loss.target, y,
+                 shape=(num, m.in_channels, m.input_size, m.input_size), sampler=sampler or s.sampler,
+                 steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+                 num_classes=m.num_classes, generator=gen, device=device)
+    return to_uint8(decode(x) if decode is not None else x)
+
+
+def _distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's environment turns on the process group."""
+    from minsnr.evaluate.fid import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, dev
+
+
+def _chunks(folder: Path, n: int) -> Iterator[np.ndarray]:
+    for i in range(n):
+        with np.load(folder / f"{i:06d}.npz") as z:
+            yield z["images"]
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    """Draw the missing chunks of this rank, then (rank 0) assemble; None when stopped by --max-chunks."""
+    from minsnr.checkpoint import load_model
+
+    rank, world, device = _distributed(args.device)
+    model, cfg = load_model(args.checkpoint, ema=args.ema, map_location=device)
+    out = Path(args.out)
+    folder = out.with_name(out.name + ".chunks")
+    settings = {k: str(v) for k, v in vars(args).items() if k in (
+        "checkpoint", "num", "sampler", "steps", "cfg_scale", "ema", "seed", "batch")}
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = folder / "settings.json"
+        if stored.is_file() and json.loads(stored.read_text()) != settings:
+            raise ValueError(f"{folder} holds chunks drawn with other settings ({stored.read_text().strip()}); "
+                             f"use the same arguments to resume, or delete {folder}")
+        stored.write_text(json.dumps(settings))
+    if world > 1:
+        torch.distributed.barrier()
+    labels = balanced_labels(args.num, cfg.model.num_classes, args.seed) if cfg.model.num_classes > 0 else None
+    decode = latent_decoder(cfg, device, args.latents)
+    num_chunks = -(-args.num // args.batch)
+    todo = [i for i in range(rank, num_chunks, world) if not (folder / f"{i:06d}.npz").is_file()]
+    todo = todo[: args.max_chunks] if args.max_chunks else todo
+    for i in tqdm(todo, disable=rank != 0, desc=f"sampling {args.num} images", unit="chunk"):
+        lo, hi = i * args.batch, min(args.num, (i + 1) * args.batch)
+        y = None if labels is None else labels[lo:hi]
+        images = sample_images(model, cfg, y, hi - lo, chunk_seed(args.seed, i), device=device, decode=decode,
+                               sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale)
+        tmp = folder / f"{i:06d}.tmp.npz"
+        np.savez(tmp, images=images)
+        tmp.replace(folder / f"{i:06d}.npz")
+    if world > 1:
+        torch.distributed.barrier()
+    missing = [i for i in range(num_chunks) if not (folder / f"{i:06d}.npz").is_file()]
+    if rank != 0 or missing:
+        return None
+    write_npz(out, _chunks(folder, num_chunks), args.num, labels)
+    if args.png_dir or args.grid:
+        _pictures(out, labels, args.png_dir, args.grid)
+    shutil.rmtree(folder)
+    return out
+
+
+def _pictures(out: Path, labels: np.ndarray | None, png_dir: str | None, grid: str | None) -> None:
+    from PIL import Image
+
+    from minsnr.evaluate.grid import save_grid
+    from minsnr.evaluate.images import open_images
+
+    images = open_images(out)
+    if grid:
+        save_grid(next(images.batches(100)), grid)
+    if png_dir:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        i = 0
+        for batch in images.batches(1000):
+            for img in batch:
+                name = f"{i:06d}" + ("" if labels is None else f"_{labels[i]}")
+                Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(Path(png_dir) / f"{name}.png")
+                i += 1
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="minsnr sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a .pt checkpoint or an exported ema.safetensors")
+    p.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
+                   help="number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)")
+    p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None, help="default: the run's")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sample.cfg_scale")
+    p.add_argument("--out", default="samples.npz")
+    p.add_argument("--png-dir", default=None, help="also write every image as PNG (name: index_label)")
+    p.add_argument("--grid", default=None, help="also write a grid of the first 100 images")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=250, help="images per forward batch and per chunk file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--latents", default=None, help="latent folder with meta.json (default: the run's data.path)")
+    p.add_argument("--max-chunks", type=int, default=0, help="stop after drawing N chunks (rerun to go on)")
+    args = p.parse_args(argv)
+    if args.num < 1 or args.batch < 1:
+        p.error(f"--num {args.num} and --batch {args.batch} must be >= 1")
+    try:
+        out = run(args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if out is not None:
+        print(f"wrote {args.num} images to {out}")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped early; rerun the same command to finish {args.out}", file=sys.stderr)
+    return 0
