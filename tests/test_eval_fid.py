@@ -134,7 +134,12 @@ def test_inception_without_weights_says_where_to_put_them(tmp_path, monkeypatch)
         fid.load_inception(tmp_path / "nope.pth")
 
 
-def test_fid_cli_rejects_unknown_features(tmp_path):
+def test_fid_bad_arguments_are_named(tmp_path, capsys):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 1), np.uint8))
     with pytest.raises(ValueError, match="inception, classifier"):
         fid.compute_fid(tmp_path / "s.npz", tmp_path / "s.npz", features="clip", device="cpu")
+    assert fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--features", "classifier"]) == 1
+    assert "needs --classifier" in capsys.readouterr().err
+    assert fid.main([str(tmp_path / "nope.npz"), "--ref", str(tmp_path / "s.npz"), "--features", "classifier",
+                     "--classifier", "x"]) == 1
+    assert "nope.npz" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minsnr.evaluate.frechet import feature_stats, frechet_distance
+from minsnr.evaluate.util import resolve_device, run_verb
 
 FORMAT = "minsnr-classifier"
 
@@ -203,16 +204,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--width", type=int, default=16, help="channels of the first stage (then 2x, 4x)")
     p.add_argument("--limit", type=int, default=0, help="train on a seeded random subset of N images (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    return run_verb("minsnr train-classifier", lambda: _train(a))
+
+
+def _train(a: argparse.Namespace) -> int:
     x, y, x_test, y_test = load_labelled(a.data)
     if a.limit:
         keep = np.sort(np.random.default_rng(a.seed).permutation(len(x))[: a.limit])
         x, y = x[keep], y[keep]
     start = time.perf_counter()
+    device = resolve_device(a.device)
     model = train_classifier(x, y, epochs=a.epochs, batch_size=a.batch, lr=a.lr, width=a.width, seed=a.seed,
-                             device=a.device)
-    acc = accuracy(model, x_test, y_test, a.device)
+                             device=device)
+    acc = accuracy(model, x_test, y_test, device)
     meta = {"image_shape": list(x.shape[1:]), "num_classes": int(y.max()) + 1, "width": a.width,
             "feature_dim": model.head.in_features, "test_accuracy": acc, "data": str(a.data),
             "train_images": len(x), "epochs": a.epochs}

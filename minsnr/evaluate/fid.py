@@ -27,16 +27,10 @@ import torch
 from minsnr.evaluate.classifier import classifier_paths, feature_fn, fid_cls, load_classifier
 from minsnr.evaluate.frechet import feature_stats, frechet_distance
 from minsnr.evaluate.images import ImageSet, open_images
+from minsnr.evaluate.util import resolve_device, run_verb
 
 Stats = tuple[np.ndarray, np.ndarray]
 FeatureFn = Callable[[np.ndarray], np.ndarray]
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else as torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def inception_default_path() -> Path:
@@ -165,6 +159,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     a = p.parse_args(argv)
+    return run_verb("minsnr fid", lambda: _report(a))
+
+
+def _report(a: argparse.Namespace) -> int:
     out = compute_fid(a.samples, a.ref, features=a.features, classifier=a.classifier,
                       inception_weights=a.inception_weights, batch_size=a.batch, device=a.device, ref_key=a.ref_key)
     print("  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))

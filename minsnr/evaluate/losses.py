@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from minsnr.config import Config
+from minsnr.evaluate.util import resolve_device, run_verb
 from minsnr.objective import diffusion_loss
 from minsnr.schedule import make_schedule
 
@@ -121,9 +122,6 @@ def plot(results: list[dict[str, Any]], bins: list[list[int]], path: Path) -> No
 
 
 def main(argv: list[str]) -> int:
-    from minsnr.checkpoint import load_model
-    from minsnr.evaluate.fid import resolve_device
-
     p = argparse.ArgumentParser(prog="minsnr losses", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help=".pt checkpoints or exported .safetensors")
@@ -137,6 +135,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="losses", help="writes OUT.json and OUT.png")
     a = p.parse_args(argv)
+    return run_verb("minsnr losses", lambda: _losses(a))
+
+
+def _losses(a: argparse.Namespace) -> int:
+    from minsnr.checkpoint import load_model
+
     device = resolve_device(a.device)
     results = []
     for ckpt in a.checkpoints:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from minsnr.evaluate.util import run_verb
+
 
 def read_metric(run_dir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of `metric` in RUN_DIR/metrics.jsonl, by step (a repeated step keeps its last value)."""
@@ -114,6 +116,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="fid_vs_steps", help="writes OUT.png and OUT.json")
     p.add_argument("--log-y", action="store_true")
     a = p.parse_args(argv)
+    return run_verb("minsnr plot", lambda: _plot(a))
+
+
+def _plot(a: argparse.Namespace) -> int:
     result = compare(a.run_dirs, a.metric or pick_metric(a.run_dirs), a.threshold)
     print(table(result))
     out = Path(a.out)

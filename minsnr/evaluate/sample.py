@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from minsnr.config import Config
 from minsnr.evaluate.images import to_uint8, write_npz
+from minsnr.evaluate.util import resolve_device, run_verb
 from minsnr.schedule import make_schedule
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -76,8 +77,6 @@ def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num:
 
 def _distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); torchrun's environment turns on the process group."""
-    from minsnr.evaluate.fid import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
@@ -178,6 +177,10 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num < 1 or args.batch < 1:
         p.error(f"--num {args.num} and --batch {args.batch} must be >= 1")
+    return run_verb("minsnr sample", lambda: _sample(args))
+
+
+def _sample(args: argparse.Namespace) -> int:
     try:
         out = run(args)
     finally:

@@ -1,0 +1,24 @@
+"""Small helpers shared by the evaluation verbs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available, else cpu; anything else as torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_verb(prog: str, body: Callable[[], int]) -> int:
+    """Run a verb's body; a bad file, value or setting ends it with one line on stderr and exit code 1."""
+    try:
+        return body()
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
