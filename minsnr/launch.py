@@ -48,7 +48,7 @@ def preview_hook(ctx: HookContext) -> None:
 
     x, cols = preview_images(ctx)
     path = ctx.run_dir / "previews" / f"step_{ctx.step:09d}.png"
-    save_grid(x, path, nrow=cols)
+    save_grid(x, path, nrow=cols, min_width=320)
     shutil.copyfile(path, ctx.run_dir / "samples.png")
 
 

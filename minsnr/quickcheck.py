@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = result.pop("images")
     rows = images.reshape(10, result.pop("per_class_n"), *images.shape[1:])[:, :10]  # samples come class by class
-    save_grid(rows.reshape(-1, *images.shape[1:]), run / "quickcheck.png", nrow=rows.shape[1])
+    save_grid(rows.reshape(-1, *images.shape[1:]), run / "quickcheck.png", nrow=rows.shape[1], min_width=320)
     (run / "quickcheck.json").write_text(json.dumps(result, indent=2))
     print(f"digit classifier: {100 * result['classifier_test_accuracy']:.1f}% on held-out real digits")
     print(f"samples drawn as their conditioning digit: {100 * result['sample_accuracy']:.1f}% "

@@ -69,3 +69,8 @@ def test_grid_layout_and_file(tmp_path):
     save_grid(torch.zeros(4, 3, 8, 8), tmp_path / "g" / "grid.png", nrow=2)
     with Image.open(tmp_path / "g" / "grid.png") as im:
         assert im.size == (2 * 10 + 2, 2 * 10 + 2) and im.mode == "RGB"
+    small = make_grid(images, nrow=3)[..., 0]  # 17 px wide -> enlarged 6x to reach 100, pixels kept
+    save_grid(images, tmp_path / "big.png", nrow=3, min_width=100)
+    with Image.open(tmp_path / "big.png") as im:
+        big = np.asarray(im)
+    assert big.shape == (6 * small.shape[0], 6 * small.shape[1]) and (big[::6, ::6] == small).all()

@@ -24,11 +24,16 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
     return grid
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> None:
-    """Save a grid of images: a float tensor [N, C, H, W] in [-1, 1] or uint8 [N, H, W, C] (C = 1 or 3)."""
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
+              min_width: int = 0) -> None:
+    """Save a grid of images: a float tensor [N, C, H, W] in [-1, 1] or uint8 [N, H, W, C] (C = 1 or 3).
+    Grids narrower than `min_width` pixels are enlarged by a whole factor (nearest neighbour), so 8x8
+    digits stay visible."""
     from PIL import Image
 
     arr = to_uint8(images) if isinstance(images, torch.Tensor) else np.asarray(images)
     grid = make_grid(arr, nrow)
+    factor = max(1, -(-min_width // grid.shape[1]))
+    grid = grid.repeat(factor, axis=0).repeat(factor, axis=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
