@@ -101,6 +101,7 @@ class SampleConfig:
     sampler: str = "heun"  # heun | euler | ddim
     steps: int = 30
     cfg_scale: float = 1.0
+    sigma_max: Optional[float] = None  # None: the schedule's sigma at t = T-1; EDM uses 80
 
 
 @dataclass
@@ -185,6 +186,8 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
     _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _choice("sample.sampler", cfg.sample.sampler, ("heun", "euler", "ddim"))
+    if cfg.sample.sigma_max is not None:
+        _positive("sample.sigma_max", cfg.sample.sigma_max)
     if cfg.loss.gamma is not None:
         _positive("loss.gamma", cfg.loss.gamma)
     if not 0.0 <= cfg.loss.label_dropout < 1.0:

@@ -5,6 +5,7 @@ The hooks live in higher layers (evaluate, pareto), so they are assembled here a
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -18,6 +19,14 @@ from minsnr.checkpoint import CheckpointError
 from minsnr.config import Config, ConfigError, load_config
 from minsnr.data import BadImagesError
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
+
+
+@functools.lru_cache(maxsize=1)
+def _vae(name: str, device: str) -> torch.nn.Module:
+    """Load the VAE once per run, not at every preview."""
+    from minsnr.data.latent import load_vae
+
+    return load_vae(name, device)
 
 
 def preview_images(ctx: HookContext) -> tuple[torch.Tensor, int]:
@@ -34,12 +43,12 @@ def preview_images(ctx: HookContext) -> tuple[torch.Tensor, int]:
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed)
     x = generate(ctx.ema, ctx.schedule, cfg.loss.target, labels, shape=(rows * cols, m.in_channels, m.input_size, m.input_size),
                  sampler=cfg.sample.sampler, steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale,
-                 num_classes=m.num_classes, generator=gen, device=ctx.device)
+                 num_classes=m.num_classes, generator=gen, sigma_max=cfg.sample.sigma_max, device=ctx.device)
     if cfg.data.source == "latent":
-        from minsnr.data.latent import decode_latents, load_vae, read_meta
+        from minsnr.data.latent import decode_latents, read_meta
 
         meta = read_meta(cfg.data.path)  # type: ignore[arg-type]
-        x = decode_latents(load_vae(meta["vae"], ctx.device), x, meta["scale_factor"])
+        x = decode_latents(_vae(meta["vae"], str(ctx.device)), x, meta["scale_factor"])
     return x, cols
 
 

@@ -34,7 +34,7 @@ def check(checkpoint: str | Path, per_class: int = 50, seed: int = 0, classifier
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
     x = generate(model, schedule, cfg.loss.target, labels, shape=(len(labels), 1, 8, 8), sampler=cfg.sample.sampler,
                  steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, num_classes=10,
-                 generator=torch.Generator().manual_seed(seed))
+                 generator=torch.Generator().manual_seed(seed), sigma_max=cfg.sample.sigma_max)
     images = to_uint8(x)
     _, pred = classify(clf, [images], images.shape[1:])
     hit = pred == labels.numpy()

@@ -133,14 +133,16 @@ class CFGDenoiser:
 @torch.no_grad()
 def generate(model: nn.Module, schedule: Schedule, target: str, labels: Tensor | None, *,
              shape: tuple[int, ...], sampler: str = "heun", steps: int = 30, cfg_scale: float = 1.0,
-             num_classes: int = 0, generator: torch.Generator | None = None,
+             num_classes: int = 0, generator: torch.Generator | None = None, sigma_max: float | None = None,
              device: torch.device | str | None = None, progress: bool = False) -> Tensor:
-    """Sample len(shape[0]) images in model space (pixels in [-1, 1] or scaled latents)."""
+    """shape[0] samples in model space (pixels in [-1, 1] or scaled latents) on Karras sigmas from
+    `sigma_max` (default and upper bound: the schedule's) down to the schedule's sigma_min."""
     if sampler not in SAMPLER_FNS:
         raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
     device = device or next(model.parameters()).device
     schedule = schedule.to(device)
-    sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max)
+    top = schedule.sigma_max if sigma_max is None else min(sigma_max, schedule.sigma_max)
+    sigmas = karras_sigmas(steps, schedule.sigma_min, top)
     x = torch.randn(shape, generator=generator, device=device) * sigmas[0].item()
     denoiser: Denoiser = VPDenoiser(model, schedule, target)
     if num_classes > 0 and labels is not None and cfg_scale != 1.0:

@@ -174,5 +174,10 @@ def test_generate_runs_model_end_to_end():
     out = generate(model, SCHED, "v", None, shape=(4000, 1), sampler="heun", steps=32,
                    generator=torch.Generator().manual_seed(0))
     assert out.mean().item() == pytest.approx(2.5, rel=0.05)
+    seen = []
+    recorder = lambda x, t, labels: seen.append(SCHED.sigma_ve(t.double())[0].item()) or model(x, t, labels)  # noqa: E731
+    recorder.parameters = model.parameters
+    generate(recorder, SCHED, "v", None, shape=(2, 1), sampler="euler", steps=4, sigma_max=80.0)
+    assert seen[0] == pytest.approx(80.0, rel=1e-5) and seen[-1] == pytest.approx(SCHED.sigma_min, rel=1e-5)  # t in float32
     with pytest.raises(ValueError, match="heun, euler, ddim"):
         generate(model, SCHED, "v", None, shape=(2, 1), sampler="dpm")

@@ -71,7 +71,7 @@ def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num:
     x = generate(model, make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps), cfg.loss.target, y,
                  shape=(num, m.in_channels, m.input_size, m.input_size), sampler=sampler or s.sampler,
                  steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-                 num_classes=m.num_classes, generator=gen, device=device)
+                 num_classes=m.num_classes, generator=gen, sigma_max=s.sigma_max, device=device)
     return to_uint8(decode(x) if decode is not None else x)
 
 
