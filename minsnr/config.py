@@ -157,7 +157,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+            override = OmegaConf.from_dotlist([item])
+            if item.startswith("model.name=") and override.model.name != base.model.name:
+                base.model.args = {}  # the file's architecture arguments belong to its own model
+            base = OmegaConf.merge(base, override)
     except OmegaConfBaseException as err:
         raise _explain(err, str(path or "overrides")) from None
     cfg: Config = OmegaConf.to_object(base)  # type: ignore[assignment]

@@ -51,3 +51,10 @@ def test_override_types_are_checked():
         load_config(CONFIGS[0], ["optim.betas=[0.9]"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(CONFIGS[0], ["train.steps"])
+
+
+def test_switching_model_drops_the_files_architecture_args():
+    quickstart = [p for p in CONFIGS if p.stem == "quickstart"][0]
+    cfg = load_config(quickstart, ["model.name=unet_tiny", "model.args.dropout=0.1"])
+    assert cfg.model.args == {"dropout": 0.1}
+    assert load_config(quickstart, ["model.name=vit_tiny"]).model.args["width"] == 64  # same model: kept
