@@ -125,15 +125,11 @@ class ConfigError(ValueError):
 
 
 def _valid_keys(path: str) -> list[str]:
-    """Field names of the section at dotted `path` ('' for the top level)."""
-    node: Any = Config
+    """Field names of the section at dotted `path` ('' for the top level), [] if it is no section."""
+    node: Any = Config()
     for part in [p for p in path.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()):  # type: ignore[misc]
-            return []
-        node = fields[part].default_factory  # type: ignore[assignment]
-        node = type(node()) if not isinstance(node, type) else node
-    return [f.name for f in dataclasses.fields(node)]
+        node = getattr(node, part, None)
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
