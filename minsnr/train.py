@@ -58,19 +58,19 @@ class Hook:
 
 
 def setup_distributed(device_opt: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun's environment turns on DDP (NCCL on GPUs, gloo on CPU)."""
-    cuda = torch.cuda.is_available() if device_opt == "auto" else device_opt == "cuda"
-    if device_opt == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
+    """(rank, world size, device) for "auto", "cpu", "cuda" or "cuda:N"; torchrun's environment turns on
+    DDP (NCCL on GPUs, gloo on CPU) and gives each rank the GPU of its LOCAL_RANK."""
+    want = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device_opt == "auto" else torch.device(device_opt)
+    if want.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device_opt} asked for, but no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if want.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    if want.type == "cuda":
+        want = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if world > 1 else (want.index or 0))
+        torch.cuda.set_device(want)
+    return rank, world, want
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:

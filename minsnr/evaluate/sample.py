@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from minsnr.config import Config
 from minsnr.evaluate.images import to_uint8, write_npz
-from minsnr.evaluate.util import resolve_device, run_verb
+from minsnr.evaluate.util import run_verb
 from minsnr.schedule import make_schedule
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -75,18 +75,6 @@ def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num:
     return to_uint8(decode(x) if decode is not None else x)
 
 
-def _distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun's environment turns on the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world, dev
-
-
 def _chunks(folder: Path, n: int) -> Iterator[np.ndarray]:
     for i in range(n):
         with np.load(folder / f"{i:06d}.npz") as z:
@@ -96,8 +84,9 @@ def _chunks(folder: Path, n: int) -> Iterator[np.ndarray]:
 def run(args: argparse.Namespace) -> Path | None:
     """Draw the missing chunks of this rank, then (rank 0) assemble; None when stopped by --max-chunks."""
     from minsnr.checkpoint import load_model
+    from minsnr.train import setup_distributed
 
-    rank, world, device = _distributed(args.device)
+    rank, world, device = setup_distributed(args.device)
     model, cfg = load_model(args.checkpoint, ema=args.ema, map_location=device)
     out = Path(args.out)
     folder = out.with_name(out.name + ".chunks")
