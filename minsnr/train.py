@@ -100,7 +100,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed + self.rank)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -110,9 +110,11 @@ class Trainer:
         self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
         self.model = ck.build_model(cfg).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        torch.manual_seed(cfg.train.seed + self.rank)  # each rank its own stream for dropout
+        cuda = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),  # type: ignore[arg-type]
                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-                                     fused=self.device.type == "cuda")
+                                     fused=cuda, foreach=not cuda)
         self.batches = Batches(self.dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=self.rank,
                                world_size=self.world, num_workers=cfg.data.num_workers,
                                pin_memory=self.device.type == "cuda")
