@@ -5,14 +5,14 @@ The hooks live in higher layers (evaluate, pareto), so they are assembled here a
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
-import torch
+import numpy as np
 import torch.distributed as dist
 
 from minsnr.checkpoint import CheckpointError
@@ -21,50 +21,33 @@ from minsnr.data import BadImagesError
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
 
-@functools.lru_cache(maxsize=1)
-def _vae(name: str, device: str) -> torch.nn.Module:
-    """Load the VAE once per run, not at every preview."""
-    from minsnr.data.latent import load_vae
-
-    return load_vae(name, device)
-
-
-def preview_images(ctx: HookContext) -> tuple[torch.Tensor, int]:
-    """EMA samples at a fixed seed: one row per class (first 10 classes) or an 8x8 grid; images in [-1, 1]."""
-    from minsnr.sampling import generate
-
-    cfg, m = ctx.cfg, ctx.cfg.model
-    cols = 8
-    labels = None
-    rows = 8
-    if m.num_classes > 0:
-        rows = min(m.num_classes, 10)
-        labels = torch.arange(rows, device=ctx.device).repeat_interleave(cols)
-    gen = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed)
-    x = generate(ctx.ema, ctx.schedule, cfg.loss.target, labels, shape=(rows * cols, m.in_channels, m.input_size, m.input_size),
-                 sampler=cfg.sample.sampler, steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale,
-                 num_classes=m.num_classes, generator=gen, sigma_max=cfg.sample.sigma_max, device=ctx.device)
-    if cfg.data.source == "latent":
-        from minsnr.data.latent import decode_latents, read_meta
-
-        meta = read_meta(cfg.data.path)  # type: ignore[arg-type]
-        x = decode_latents(_vae(meta["vae"], str(ctx.device)), x, meta["scale_factor"])
-    return x, cols
-
-
-def preview_hook(ctx: HookContext) -> None:
+def make_preview_hook(cfg: Config) -> Callable[[HookContext], None]:
+    """EMA samples at a fixed seed with the run's sampler settings: one row per class (the first 10
+    classes) or an 8x8 grid, saved as previews/step_*.png and samples.png; latents decoded by the VAE
+    (loaded at the first preview, then kept)."""
     from minsnr.evaluate.grid import save_grid
+    from minsnr.evaluate.sample import latent_decoder, sample_images
 
-    x, cols = preview_images(ctx)
-    path = ctx.run_dir / "previews" / f"step_{ctx.step:09d}.png"
-    save_grid(x, path, nrow=cols, min_width=320)
-    shutil.copyfile(path, ctx.run_dir / "samples.png")
+    m, cols = cfg.model, 8
+    rows = min(m.num_classes, 10) if m.num_classes > 0 else 8
+    labels = np.repeat(np.arange(rows), cols) if m.num_classes > 0 else None
+    decoders: list[Any] = []
+
+    def hook(ctx: HookContext) -> None:
+        if not decoders:
+            decoders.append(latent_decoder(cfg, ctx.device))
+        images = sample_images(ctx.ema, cfg, labels, rows * cols, cfg.train.seed, device=ctx.device, decode=decoders[0])
+        path = ctx.run_dir / "previews" / f"step_{ctx.step:09d}.png"
+        save_grid(images, path, nrow=cols, min_width=320)
+        shutil.copyfile(path, ctx.run_dir / "samples.png")
+
+    return hook
 
 
 def build_hooks(cfg: Config) -> tuple[Hook, ...]:
     hooks = []
     if cfg.log.preview_every > 0:
-        hooks.append(Hook(cfg.log.preview_every, preview_hook))
+        hooks.append(Hook(cfg.log.preview_every, make_preview_hook(cfg)))
     if cfg.log.eval_every > 0:
         from minsnr.evaluate.periodic import make_eval_hook
 

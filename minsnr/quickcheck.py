@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from minsnr.checkpoint import load_model
 from minsnr.evaluate.classifier import accuracy, classify, load_labelled, train_classifier
 from minsnr.evaluate.grid import save_grid
-from minsnr.evaluate.images import to_uint8
-from minsnr.sampling import generate
-from minsnr.schedule import make_schedule
+from minsnr.evaluate.sample import sample_images
 
 
 def check(checkpoint: str | Path, per_class: int = 50, seed: int = 0, classifier_epochs: int = 8) -> dict[str, Any]:
@@ -30,16 +29,12 @@ def check(checkpoint: str | Path, per_class: int = 50, seed: int = 0, classifier
         raise ValueError(f"{checkpoint} is not a class-conditional digits model (data.source={cfg.data.source})")
     x_train, y_train, x_test, y_test = load_labelled("digits")
     clf = train_classifier(x_train, y_train, epochs=classifier_epochs, seed=seed)
-    labels = torch.arange(10).repeat_interleave(per_class)
-    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
-    x = generate(model, schedule, cfg.loss.target, labels, shape=(len(labels), 1, 8, 8), sampler=cfg.sample.sampler,
-                 steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, num_classes=10,
-                 generator=torch.Generator().manual_seed(seed), sigma_max=cfg.sample.sigma_max)
-    images = to_uint8(x)
+    labels = np.repeat(np.arange(10), per_class)
+    images = sample_images(model, cfg, labels, len(labels), seed, device=torch.device("cpu"))
     _, pred = classify(clf, [images], images.shape[1:])
-    hit = pred == labels.numpy()
+    hit = pred == labels
     return {"classifier_test_accuracy": accuracy(clf, x_test, y_test), "sample_accuracy": float(hit.mean()),
-            "per_class": [float(hit[labels.numpy() == c].mean()) for c in range(10)], "samples": len(labels),
+            "per_class": [float(hit[labels == c].mean()) for c in range(10)], "samples": len(labels),
             "images": images, "per_class_n": per_class}
 
 

@@ -154,3 +154,17 @@ def test_torchrun_two_ranks_match_one(tmp_path):
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
     assert a["data"] == {"epoch": b["data"]["epoch"], "batch": b["data"]["batch"]}
+
+
+def test_preview_grid_has_a_row_per_class(tmp_path):
+    from PIL import Image
+
+    from minsnr.launch import build_hooks
+
+    cfg = tiny_cfg(tmp_path, "train.steps=2", "log.preview_every=2", "sample.steps=2")
+    train(cfg, build_hooks(cfg))
+    with Image.open(tmp_path / "samples.png") as im:
+        width, height = im.size
+    cell = width // 8  # 8 columns of (8 + 2 padding) px, enlarged to >= 320 px wide
+    assert width >= 320 and (tmp_path / "previews" / "step_000000002.png").exists()
+    assert abs(height - 10 * cell) <= cell  # 10 rows, one per digit

@@ -20,6 +20,7 @@ from minsnr.checkpoint import load_model
 from minsnr.config import Config, ConfigError, validate
 from minsnr.data import build_dataset
 from minsnr.data.base import ImageDataset
+from minsnr.evaluate.util import resolve_device
 from minsnr.schedule import Schedule, make_schedule
 
 
@@ -63,8 +64,7 @@ def with_data_overrides(cfg: Config, data_path: str | None, overrides: list[str]
 
 
 def load(args: argparse.Namespace) -> Loaded:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, ema=not args.no_ema, map_location=device)
     cfg = with_data_overrides(cfg, args.data, args.overrides)
     dataset = build_dataset(cfg.data, split=args.split)
