@@ -99,7 +99,13 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
                    gamma: float | None = None, t: Tensor | None = None, noise: Tensor | None = None,
                    timestep_sampler: TimestepSampler = uniform_timesteps,
                    generator: torch.Generator | None = None) -> LossOutput:
-    """Weighted denoising loss; `model(x_t, t, labels)` predicts `target`."""
+    """Weighted denoising loss (eq. 4-5 with the weight of section 3.4); `model(x_t, t, labels)` predicts `target`.
+
+    x0: float [B, ...] clean data; labels: long [B] or None; t: long [B] timesteps in [0, T) (drawn by
+    `timestep_sampler` when None); noise: like x0 (drawn when None). The model receives the integer
+    timesteps t (int64 [B]) as they index the schedule, so an `nn.Embedding` of t works; samplers pass
+    fractional float t instead (see `sampling.VPDenoiser`).
+    """
     _check_target(target)
     if t is None:
         t = timestep_sampler(x0.shape[0], schedule.num_timesteps, x0.device, generator)
@@ -107,7 +113,7 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
     x_t = q_sample(x0, noise, alpha, sigma)
-    pred = model(x_t, t.to(x0.dtype), labels).float()
+    pred = model(x_t, t, labels).float()
     dims = tuple(range(1, x0.dim()))
     mse = (pred - make_target(x0, noise, alpha, sigma, target)).square().mean(dim=dims)
     weight = loss_weight(schedule.snr(t), weighting, gamma, target).to(mse.dtype)

@@ -120,3 +120,22 @@ def test_drop_labels_rate_and_null():
 def test_unknown_target():
     with pytest.raises(ValueError, match="x0, eps, v"):
         diffusion_loss(lambda x, t, y: x, torch.zeros(2, 1, 2, 2), None, SCHED, target="score")
+
+
+def test_model_receives_integer_timesteps_so_an_embedding_of_t_works():
+    """diffusion_loss hands the model the int64 timesteps that index the schedule (nn.Embedding needs them)."""
+    seen = []
+
+    class EmbedT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(SCHED.num_timesteps, 1)
+
+        def forward(self, x, t, y):
+            seen.append(t)
+            return x * self.emb(t).view(-1, 1, 1, 1)
+
+    t = torch.tensor([0, 5, 999])
+    out = diffusion_loss(EmbedT(), torch.randn(3, 1, 2, 2), None, SCHED, t=t)
+    assert seen[0].dtype == torch.int64 and torch.equal(seen[0], t)
+    assert torch.isfinite(out.loss)

@@ -33,7 +33,7 @@ class TinyNet(nn.Module):
         self.conv2 = nn.Conv2d(6, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        cond = self.time(t[:, None] / 1000)
+        cond = self.time(t[:, None].to(x.dtype) / 1000)  # t: int64 in training, float when sampling
         if labels is not None:
             cond = cond + self.label(labels)
         return self.conv2(self.drop(torch.tanh(self.conv1(x) + cond[:, :, None, None])))

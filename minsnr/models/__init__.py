@@ -1,7 +1,7 @@
 """Backbones by name: the paper's vanilla ViTs (table 6) and the ADM UNet (appendix C.1).
 
     model = create_model("vit_b", input_size=32, in_channels=4, num_classes=1000, patch_size=2)
-    x0_hat = model(x_t, t, labels)  # x_t [B, C, H, W], t float [B] in [0, T), labels long [B] or None
+    x0_hat = model(x_t, t, labels)  # x_t [B, C, H, W], t [B] in [0, T): int64 in training, fractional float when sampling, labels long [B] or None
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def x0_mse(model: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, noise
     alpha = schedule.alpha(t).to(x0.dtype).view(shape)
     sigma = schedule.sigma(t).to(x0.dtype).view(shape)
     x_t = q_sample(x0, noise, alpha, sigma)
-    pred = model(x_t, t.to(x0.dtype), labels)
+    pred = model(x_t, t, labels)
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16/fp16 outputs measured in fp32
     return (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=tuple(range(1, x0.dim())))
 
