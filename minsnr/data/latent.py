@@ -31,6 +31,7 @@ from tqdm import tqdm
 from minsnr.data.base import BadImagesError, Fetched, ImageDataset, bad_images_message, too_many_bad
 from minsnr.data.loader import BatchFetch, keep_batch
 from minsnr.data.transforms import CROPS, Key, empty_batch, flips, split_key
+from minsnr.distributed import barrier, setup, teardown
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +136,6 @@ def _image_dataset(data: str, size: int, crop: str) -> ImageDataset:
     return FolderDataset(data, resolution=size, crop=crop, hflip=False)
 
 
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call started the process group); torchrun sets WORLD_SIZE."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo")  # only barriers; the VAE runs on each rank's own device
-    return dist.get_rank(), dist.get_world_size(), started
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:
     """Create the folder (rank 0) or check that an existing one was started with the same settings."""
     if (out / SETTINGS).is_file():
@@ -179,13 +163,10 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
     `max_chunks` stops after that many chunks on this rank (to encode in time-limited jobs).
     """
     out = Path(out)
-    rank, world, started = _distributed()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    d = setup(device, backend="gloo")  # gloo: only barriers; the VAE runs on each rank's own device
+    rank, world = d.rank, d.world
     dataset = _image_dataset(data, size, crop)
-    vae = load_vae(vae_name, device)
+    vae = load_vae(vae_name, d.device)
     cfg = vae.config  # type: ignore[attr-defined]
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     n = len(dataset)
@@ -195,7 +176,7 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
                 "num_classes": dataset.num_classes, "class_names": dataset.class_names}
     if rank == 0:
         _prepare(out, settings, np.asarray(dataset.labels))
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         _prepare(out, settings, np.asarray(dataset.labels))  # checks only
     moments = np.load(out / MOMENTS, mmap_mode="r+")
@@ -224,7 +205,7 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
                 write_json(out / DONE / f"{k:06d}.json", {"bad": chunk_bad})
                 chunk_bad = []
     del moments
-    _barrier(world)
+    barrier(world)
     done = [out / DONE / f"{k:06d}.json" for k in range(math.ceil(n / chunk))]
     complete = all(p.exists() for p in done)
     if complete and rank == 0:
@@ -235,8 +216,8 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
             raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data)))
         write_json(out / META, {**settings, "bad_files": bad,
                                 "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"})
-    if started:
-        torch.distributed.destroy_process_group()
+    if d.started:
+        teardown()
     return complete
 
 

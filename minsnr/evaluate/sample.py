@@ -28,8 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from minsnr.config import Config
+from minsnr.distributed import barrier, teardown
 from minsnr.evaluate.images import to_uint8, write_npz
 from minsnr.evaluate.util import run_verb
+from minsnr.sampling import SAMPLERS, generate
 from minsnr.schedule import make_schedule
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -63,8 +65,6 @@ def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num:
                   steps: int | None = None, cfg_scale: float | None = None) -> np.ndarray:
     """`num` uint8 [N, H, W, C] images from `model` with the noise of torch.Generator(seed); sampler
     settings default to cfg.sample."""
-    from minsnr.sampling import generate
-
     m, s = cfg.model, cfg.sample
     gen = torch.Generator(device=device).manual_seed(seed)
     y = None if labels is None else torch.as_tensor(labels, device=device)
@@ -84,9 +84,10 @@ def _chunks(folder: Path, n: int) -> Iterator[np.ndarray]:
 def run(args: argparse.Namespace) -> Path | None:
     """Draw the missing chunks of this rank, then (rank 0) assemble; None when stopped by --max-chunks."""
     from minsnr.checkpoint import load_model
-    from minsnr.train import setup_distributed
+    from minsnr.distributed import setup
 
-    rank, world, device = setup_distributed(args.device)
+    d = setup(args.device)
+    rank, world, device = d.rank, d.world, d.device
     model, cfg = load_model(args.checkpoint, ema=args.ema, map_location=device)
     out = Path(args.out)
     folder = out.with_name(out.name + ".chunks")
@@ -99,8 +100,7 @@ def run(args: argparse.Namespace) -> Path | None:
             raise ValueError(f"{folder} holds chunks drawn with other settings ({stored.read_text().strip()}); "
                              f"use the same arguments to resume, or delete {folder}")
         stored.write_text(json.dumps(settings))
-    if world > 1:
-        torch.distributed.barrier()
+    barrier(world)
     labels = balanced_labels(args.num, cfg.model.num_classes, args.seed) if cfg.model.num_classes > 0 else None
     decode = latent_decoder(cfg, device, args.latents)
     num_chunks = -(-args.num // args.batch)
@@ -114,8 +114,7 @@ def run(args: argparse.Namespace) -> Path | None:
         tmp = folder / f"{i:06d}.tmp.npz"
         np.savez(tmp, images=images)
         tmp.replace(folder / f"{i:06d}.npz")
-    if world > 1:
-        torch.distributed.barrier()
+    barrier(world)
     missing = [i for i in range(num_chunks) if not (folder / f"{i:06d}.npz").is_file()]
     if rank != 0 or missing:
         return None
@@ -151,7 +150,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("checkpoint", help="a .pt checkpoint or an exported ema.safetensors")
     p.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
                    help="number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)")
-    p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None, help="default: the run's")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's")
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sample.cfg_scale")
     p.add_argument("--out", default="samples.npz")
@@ -173,8 +172,7 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         out = run(args)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        teardown()
     if out is not None:
         print(f"wrote {args.num} images to {out}")
     elif int(os.environ.get("RANK", "0")) == 0:

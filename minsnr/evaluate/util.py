@@ -5,14 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-import torch
+from minsnr.distributed import resolve_device
 
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else as torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["resolve_device", "run_verb"]
 
 
 def run_verb(prog: str, body: Callable[[], int]) -> int:

@@ -20,7 +20,7 @@ from minsnr.checkpoint import load_model
 from minsnr.config import Config, ConfigError, validate
 from minsnr.data import build_dataset
 from minsnr.data.base import ImageDataset
-from minsnr.evaluate.util import resolve_device
+from minsnr.distributed import resolve_device
 from minsnr.schedule import Schedule, make_schedule
 
 
