@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minsnr.checkpoint import build_model, load_model, resolve_model_args
+from minsnr.checkpoint import load_model
+from minsnr.models import build_model
 from minsnr.config import load_config, to_dict
 from minsnr.evaluate import sample
 
@@ -28,9 +29,8 @@ def make_checkpoint(path: Path, num_classes: int = 10, *extra: str) -> Path:
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
                       ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
                        f"model.num_classes={num_classes}", "loss.label_dropout=0", "sample.steps=2", *extra])
-    resolve_model_args(cfg)
     torch.manual_seed(0)
-    model, ema = build_model(cfg), build_model(cfg)
+    model, ema = build_model(cfg.model), build_model(cfg.model)
     with torch.no_grad():
         for p in [*model.parameters(), *ema.parameters()]:
             p.normal_(0, 0.3)
