@@ -13,16 +13,30 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from minsnr.registry import lookup
 from minsnr.schedule import Schedule
-from minsnr.weighting import TARGETS, Strategy, loss_weight
+from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, Strategy, loss_weight
 
-TimestepSampler = Callable[[int, int, torch.device, Optional[torch.Generator]], Tensor]
+# (batch, schedule, device, generator) -> long timesteps [batch] in [0, T)
+TimestepSampler = Callable[[int, Schedule, torch.device, Optional[torch.Generator]], Tensor]
 
 
-def uniform_timesteps(batch: int, num_timesteps: int, device: torch.device,
+def uniform_timesteps(batch: int, schedule: Schedule, device: torch.device,
                       generator: torch.Generator | None = None) -> Tensor:
-    """t ~ U{0, ..., T-1}, the paper's sampling of tasks."""
-    return torch.randint(0, num_timesteps, (batch,), device=device, generator=generator)
+    """t ~ U{0, ..., T-1}: every task (timestep) equally often, as the paper trains (eq. 5)."""
+    return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
+
+
+# name -> timestep distribution; `loss.timesteps` chooses one (the trainer, compare and pareto read it).
+TIMESTEPS: dict[str, TimestepSampler] = {"uniform": uniform_timesteps}
+DEFAULT_TIMESTEPS = "uniform"
+
+
+def draw_timesteps(distribution: str | TimestepSampler, batch: int, schedule: Schedule, device: torch.device,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """long [batch] timesteps from the named distribution (a key of TIMESTEPS) or a TimestepSampler."""
+    sampler = distribution if callable(distribution) else lookup(TIMESTEPS, distribution, "loss.timesteps")
+    return sampler(batch, schedule, device, generator)
 
 
 def _check_target(target: str) -> None:
@@ -31,11 +45,12 @@ def _check_target(target: str) -> None:
 
 
 def q_sample(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Eq. 2: x_t = alpha_t x0 + sigma_t eps."""
+    """Eq. 2: x_t = alpha_t x0 + sigma_t eps. x0, eps [B, ...]; alpha, sigma broadcast ([B, 1, ...])."""
     return alpha * x0 + sigma * eps
 
 
 def make_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    """The regression target of appendix B: x0, eps, or v = alpha eps - sigma x0; shapes as q_sample."""
     _check_target(target)
     if target == "x0":
         return x0
@@ -45,6 +60,7 @@ def make_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, target: s
 
 
 def predict_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    """The x0 estimate implied by a prediction `pred` of `target` at x_t (exact algebra, any float dtype)."""
     _check_target(target)
     if target == "x0":
         return pred
@@ -54,6 +70,7 @@ def predict_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: 
 
 
 def predict_eps(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    """The eps estimate implied by a prediction `pred` of `target` at x_t."""
     _check_target(target)
     if target == "x0":
         return (x_t - alpha * pred) / sigma
@@ -73,6 +90,7 @@ def drop_labels(labels: Tensor, p: float, null_label: int, uniform: Tensor | Non
                 generator: torch.Generator | None = None) -> Tensor:
     """Classifier-free guidance training: replace each label by the null class with probability p.
 
+    labels: long [B]; null_label: the extra class index (= num_classes); returns long [B].
     `uniform` (U[0, 1) draws, one per label) may be given so that the choice is reproducible across ranks.
     """
     if p <= 0:
@@ -95,20 +113,20 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 
 
 def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels: Tensor | None,
-                   schedule: Schedule, *, target: str = "x0", weighting: Strategy = "min_snr",
+                   schedule: Schedule, *, target: str = DEFAULT_TARGET, weighting: Strategy = DEFAULT_WEIGHTING,
                    gamma: float | None = None, t: Tensor | None = None, noise: Tensor | None = None,
-                   timestep_sampler: TimestepSampler = uniform_timesteps,
+                   timesteps: str | TimestepSampler = DEFAULT_TIMESTEPS,
                    generator: torch.Generator | None = None) -> LossOutput:
     """Weighted denoising loss (eq. 4-5 with the weight of section 3.4); `model(x_t, t, labels)` predicts `target`.
 
     x0: float [B, ...] clean data; labels: long [B] or None; t: long [B] timesteps in [0, T) (drawn by
-    `timestep_sampler` when None); noise: like x0 (drawn when None). The model receives the integer
+    `timesteps`, a key of TIMESTEPS or a sampler, when None); noise: like x0 (drawn when None). The model receives the integer
     timesteps t (int64 [B]) as they index the schedule, so an `nn.Embedding` of t works; samplers pass
     fractional float t instead (see `sampling.VPDenoiser`).
     """
     _check_target(target)
     if t is None:
-        t = timestep_sampler(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+        t = draw_timesteps(timesteps, x0.shape[0], schedule, x0.device, generator)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
