@@ -17,8 +17,8 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from minsnr.objective import DEFAULT_TIMESTEPS, TIMESTEPS
 from minsnr.registry import did_you_mean
+from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS
 from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, STRATEGIES, TARGETS
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class LossConfig:
     target: str = DEFAULT_TARGET  # one of minsnr.weighting.TARGETS
     weighting: str = DEFAULT_WEIGHTING  # a key of minsnr.weighting.STRATEGIES
     gamma: Optional[float] = None  # None: the strategy's default gamma in STRATEGIES
-    timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.objective.TIMESTEPS
+    timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
 
 

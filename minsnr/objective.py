@@ -8,35 +8,15 @@ implement that algebra. alpha and sigma broadcast against x, e.g. shape [B, 1, 1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from minsnr.registry import lookup
 from minsnr.schedule import Schedule
+from minsnr.registry import lookup
+from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, Distribution, Timesteps, make_timesteps
 from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, Strategy, loss_weight
-
-# (batch, schedule, device, generator) -> long timesteps [batch] in [0, T)
-TimestepSampler = Callable[[int, Schedule, torch.device, Optional[torch.Generator]], Tensor]
-
-
-def uniform_timesteps(batch: int, schedule: Schedule, device: torch.device,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """t ~ U{0, ..., T-1}: every task (timestep) equally often, as the paper trains (eq. 5)."""
-    return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
-
-
-# name -> timestep distribution; `loss.timesteps` chooses one (the trainer, compare and pareto read it).
-TIMESTEPS: dict[str, TimestepSampler] = {"uniform": uniform_timesteps}
-DEFAULT_TIMESTEPS = "uniform"
-
-
-def draw_timesteps(distribution: str | TimestepSampler, batch: int, schedule: Schedule, device: torch.device,
-                   generator: torch.Generator | None = None) -> Tensor:
-    """long [batch] timesteps from the named distribution (a key of TIMESTEPS) or a TimestepSampler."""
-    sampler = distribution if callable(distribution) else lookup(TIMESTEPS, distribution, "loss.timesteps")
-    return sampler(batch, schedule, device, generator)
 
 
 def _check_target(target: str) -> None:
@@ -108,6 +88,10 @@ class LossOutput:
     weight: Tensor  # [B] weight applied in the target's space
 
 
+def _reweights(timesteps: str | Distribution) -> bool:
+    return (lookup(TIMESTEPS, timesteps, "loss.timesteps") if isinstance(timesteps, str) else timesteps).same_objective
+
+
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -115,18 +99,23 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels: Tensor | None,
                    schedule: Schedule, *, target: str = DEFAULT_TARGET, weighting: Strategy = DEFAULT_WEIGHTING,
                    gamma: float | None = None, t: Tensor | None = None, noise: Tensor | None = None,
-                   timesteps: str | TimestepSampler = DEFAULT_TIMESTEPS,
+                   timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
                    generator: torch.Generator | None = None) -> LossOutput:
     """Weighted denoising loss (eq. 4-5 with the weight of section 3.4); `model(x_t, t, labels)` predicts `target`.
 
-    x0: float [B, ...] clean data; labels: long [B] or None; t: long [B] timesteps in [0, T) (drawn by
-    `timesteps`, a key of TIMESTEPS or a sampler, when None); noise: like x0 (drawn when None). The model receives the integer
-    timesteps t (int64 [B]) as they index the schedule, so an `nn.Embedding` of t works; samplers pass
-    fractional float t instead (see `sampling.VPDenoiser`).
+    x0: float [B, ...] clean data; labels: long [B] or None; noise: like x0 (drawn when None);
+    t: long [B] timesteps in [0, T), drawn from `timesteps` when None. `timesteps` is a key of
+    minsnr.timesteps.TIMESTEPS, a Distribution, or a `Timesteps` the caller built once (the trainer does);
+    with importance sampling the weight is divided by T p(t) (minsnr.timesteps), also for a given t.
+    The model receives the integer timesteps t (int64 [B]) as they index the schedule, so an
+    `nn.Embedding` of t works; samplers pass fractional float t instead (see `sampling.VPDenoiser`).
     """
     _check_target(target)
+    ts = timesteps if isinstance(timesteps, Timesteps) else None
+    if ts is None and (t is None or _reweights(timesteps)):  # type: ignore[arg-type]
+        ts = make_timesteps(timesteps, schedule, weighting, gamma, target)  # type: ignore[arg-type]
     if t is None:
-        t = draw_timesteps(timesteps, x0.shape[0], schedule, x0.device, generator)
+        t = ts.draw(x0.shape[0], generator)  # type: ignore[union-attr]
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
@@ -135,6 +124,8 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
     dims = tuple(range(1, x0.dim()))
     mse = (pred - make_target(x0, noise, alpha, sigma, target)).square().mean(dim=dims)
     weight = loss_weight(schedule.snr(t), weighting, gamma, target).to(mse.dtype)
+    if ts is not None:
+        weight = weight * ts.correction[t]
     with torch.no_grad():
         mse_x0 = (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=dims)
     return LossOutput(loss=(weight * mse).mean(), t=t, mse_x0=mse_x0, weight=weight)

@@ -31,9 +31,10 @@ from minsnr.data import Batches, build_dataset
 from minsnr.distributed import setup
 from minsnr.ema import ema_copy, ema_decay, update_ema
 from minsnr.models import build_model
-from minsnr.objective import diffusion_loss, draw_timesteps, drop_labels
+from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
+from minsnr.timesteps import make_timesteps
 
 
 class NonFiniteLoss(RuntimeError):
@@ -91,6 +92,8 @@ class Trainer:
         self.dataset = build_dataset(cfg.data)
         check_data_fits(cfg, self.dataset)
         self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
+        loss = cfg.loss  # the distribution of t (uniform in the paper) and its weight correction, built once
+        self.timesteps = make_timesteps(loss.timesteps, self.schedule, loss.weighting, loss.gamma, loss.target)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
         self.model = build_model(cfg.model).to(self.device)
         self.ema = ema_copy(self.model)
@@ -188,7 +191,8 @@ class Trainer:
             sync = self.ddp.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()  # type: ignore[operator]
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = diffusion_loss(self.net, x, y, self.schedule, target=cfg.loss.target,
-                                     weighting=cfg.loss.weighting, gamma=cfg.loss.gamma, t=t, noise=noise)
+                                     weighting=cfg.loss.weighting, gamma=cfg.loss.gamma, t=t, noise=noise,
+                                     timesteps=self.timesteps)
                 (out.loss / accum).backward()
             self.stats.add(out.t, out.mse_x0, out.loss)
             self._flag_nonfinite(out.loss)
@@ -209,7 +213,7 @@ class Trainer:
         x, labels = x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         n = x.shape[0] * world
         self.gen.manual_seed(step_seed(cfg.train.seed, self.step, micro))
-        t = draw_timesteps(cfg.loss.timesteps, n, self.schedule, self.device, self.gen)[rank::world]
+        t = self.timesteps.draw(n, self.gen)[rank::world]
         noise = torch.randn((n, *x.shape[1:]), device=self.device, generator=self.gen)[rank::world]
         u = torch.rand(n, device=self.device, generator=self.gen)[rank::world]
         y = drop_labels(labels, cfg.loss.label_dropout, cfg.model.num_classes, uniform=u) if cfg.model.num_classes > 0 else None

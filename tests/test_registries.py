@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minsnr.train as train_mod
-from minsnr import objective, sampling, schedule
+from minsnr import objective, sampling, schedule, timesteps
 from minsnr.config import ConfigError, load_config
 from minsnr.data import SOURCES, ArrayDataset, build_dataset
 from minsnr.train import train
@@ -19,12 +19,11 @@ TINY = ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.
 
 
 def test_a_new_timestep_distribution_is_one_registry_entry(tmp_path, monkeypatch):
-    def only_seven(batch, sched, device, generator=None):
-        return torch.full((batch,), 7, dtype=torch.long, device=device)
+    only_seven = timesteps.Distribution(lambda sched, w: (torch.arange(sched.num_timesteps) == 7).double())
 
     with pytest.raises(ConfigError, match="loss.timesteps='seven'"):
         load_config(ROOT / "configs" / "quickstart.yaml", ["loss.timesteps=seven"])
-    monkeypatch.setitem(objective.TIMESTEPS, "seven", only_seven)
+    monkeypatch.setitem(timesteps.TIMESTEPS, "seven", only_seven)
     seen = []
     real = train_mod.diffusion_loss
 
