@@ -159,15 +159,15 @@ def class_rows(images: ImageSet, labels: np.ndarray, classes: int = 10, per_clas
     each of the first `classes` labels present, class by class: one row per class, as the training previews."""
     present = np.unique(labels)[:classes]
     cols = min(per_class, min(int(np.count_nonzero(labels == c)) for c in present))
-    picks = np.concatenate([np.flatnonzero(labels == c)[:cols] for c in present])
+    picks = np.concatenate([np.flatnonzero(labels == c)[:cols] for c in present]).tolist()
     found: dict[int, np.ndarray] = {}
     start = 0
     for batch in images.batches(1000):  # keep only the picked images; stop after the last one
         found.update((i, batch[i - start]) for i in picks if start <= i < start + len(batch))
         start += len(batch)
-        if start > picks.max():
+        if start > max(picks):
             break
-    return np.stack([found[int(i)] for i in picks]), cols
+    return np.stack([found[i] for i in picks]), cols
 
 
 def _pictures(out: Path, labels: np.ndarray | None, png_dir: str | None, grid: str | None) -> None:
