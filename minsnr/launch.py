@@ -5,7 +5,6 @@ The hooks live in higher layers (evaluate, pareto), so they are assembled here a
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import Config, ConfigError, load_config
 from minsnr.data import BadImagesError
+from minsnr.evaluate.util import log_through_progress_bars
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
 
@@ -45,9 +45,9 @@ def make_preview_hook(cfg: Config) -> Callable[[HookContext], None]:
 
 
 def build_hooks(cfg: Config) -> tuple[Hook, ...]:
-    hooks = []
-    if cfg.log.preview_every > 0:
-        hooks.append(Hook(cfg.log.preview_every, make_preview_hook(cfg)))
+    """The periodic work of `minsnr train`. log.preview_every=0 turns off the periodic previews but not the
+    final samples.png: a hook due every train.steps steps runs once, after the last step."""
+    hooks = [Hook(cfg.log.preview_every or cfg.train.steps, make_preview_hook(cfg))]
     if cfg.log.eval_every > 0:
         from minsnr.evaluate.periodic import make_eval_hook
 
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_through_progress_bars()  # a skipped-file warning on its own line, not glued to the progress bar
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))

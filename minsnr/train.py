@@ -66,6 +66,9 @@ def step_seed(seed: int, step: int, micro: int) -> int:
 
 
 def check_data_fits(cfg: Config, dataset: Any) -> None:
+    """The model must take the data's image shape and have exactly one class row per data class (or none).
+    More rows than classes is refused, not warned about: nothing in minsnr trains the extra rows (a resumed
+    run keeps its data), yet sampling and evaluation would draw labels from them."""
     m = cfg.model
     want = (m.in_channels, m.input_size, m.input_size)
     if tuple(dataset.shape) != want:
@@ -73,8 +76,12 @@ def check_data_fits(cfg: Config, dataset: Any) -> None:
                           f"set model.in_channels/model.input_size (or data.resolution)")
     if m.num_classes > 0 and dataset.num_classes == 0:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has no labels; set model.num_classes=0")
-    if dataset.num_classes > m.num_classes > 0:
-        raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={m.num_classes}")
+    if m.num_classes > 0 and dataset.num_classes != m.num_classes:
+        names = ", ".join(dataset.class_names[:10]) + (" ..." if len(dataset.class_names) > 10 else "")
+        unused = (f"; {m.num_classes - dataset.num_classes} class rows would never be trained, yet sampling would draw "
+                  "them" if m.num_classes > dataset.num_classes else "")
+        raise ConfigError(f"data has {dataset.num_classes} classes ({names}) but model.num_classes={m.num_classes}"
+                          f"{unused}; set model.num_classes={dataset.num_classes}")
 
 
 class Trainer:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -213,7 +214,8 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
         for path, err in bad:
             log.warning("unreadable image %s (%s) was replaced by its next readable neighbour", path, err)
         if too_many_bad(len(bad), n, max_bad_fraction):
-            raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data)))
+            raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data),
+                                                    "--max-bad-fraction"))
         write_json(out / META, {**settings, "bad_files": bad,
                                 "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"})
     if d.started:
@@ -223,10 +225,12 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minsnr encode", description="Encode an image folder (or .npz) into "
-                                "SD-VAE posterior moments for latent diffusion training (data.source=latent).")
-    p.add_argument("--data", required=True, help="image folder (ImageNet layout or flat) or .npz file")
-    p.add_argument("--out", required=True, help="latent folder to write (resumable)")
-    p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL hub id or local folder")
+                                "SD-VAE posterior moments for latent diffusion training (data.source=latent).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    path = os.path.expanduser
+    p.add_argument("--data", required=True, type=path, help="image folder (ImageNet layout or flat) or .npz file")
+    p.add_argument("--out", required=True, type=path, help="latent folder to write (resumable)")
+    p.add_argument("--vae", default=DEFAULT_VAE, type=path, help="diffusers AutoencoderKL hub id or local folder")
     p.add_argument("--size", type=int, default=256, help="image side length fed to the VAE")
     p.add_argument("--crop", default="adm", choices=CROPS, help="preprocessing recipe (default: ADM center crop)")
     p.add_argument("--batch", type=int, default=32, help="images per VAE call (each also encoded flipped)")
@@ -234,13 +238,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage type of the moments")
     p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
-    p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to continue)")
+    p.add_argument("--max-chunks", type=int, default=None,
+                   help="stop after this many chunks, None: no limit (rerun to continue)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail if more images than this are unreadable")
     a = p.parse_args(argv)
     if min(a.batch, a.chunk, a.size) <= 0:
         p.error("--batch, --chunk and --size must be positive")
-    complete = encode(a.data, a.out, a.vae, a.size, batch=a.batch, chunk=a.chunk, device=a.device, crop=a.crop,
-                      dtype=a.dtype, num_workers=a.workers, max_chunks=a.max_chunks,
-                      max_bad_fraction=a.max_bad_fraction)
+    if not Path(a.data).exists():
+        p.error(f"--data {a.data} not found; give an image folder or an .npz file")
+    try:
+        complete = encode(a.data, a.out, a.vae, a.size, batch=a.batch, chunk=a.chunk, device=a.device, crop=a.crop,
+                          dtype=a.dtype, num_workers=a.workers, max_chunks=a.max_chunks,
+                          max_bad_fraction=a.max_bad_fraction)
+    except (OSError, ValueError, KeyError, ImportError, BadImagesError) as err:
+        print(f"minsnr encode: error: {err}", file=sys.stderr)
+        return 1
     print(f"{a.out}: {'complete' if complete else 'partial; rerun the same command to continue'}")
     return 0
