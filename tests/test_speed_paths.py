@@ -297,3 +297,25 @@ def test_speed_settings_are_validated(tmp_path):
         tiny_cfg(tmp_path, "train.compile_mode=fast")
     with pytest.raises(ConfigError, match="train.data_on_device"):
         tiny_cfg(tmp_path, "train.data_on_device=maybe")
+
+
+def test_train_speed_benchmark_smoke(tmp_path):
+    """benchmarks/train_speed.py --smoke on the CPU: an npz workload alone and two at once, a latent one."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "speed.json"
+    res = subprocess.run([sys.executable, "benchmarks/train_speed.py", "--smoke", "--workloads", "cifar,vit_xl",
+                          "--seconds", "0.5", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert [(r["workload"], r["procs"], r["ok"]) for r in table["results"]] == [("cifar", 1, 1), ("cifar", 2, 2),
+                                                                                ("vit_xl", 1, 1)]
+    for row in table["results"]:
+        assert row["steps_per_s_total"] > 0 and row["tflops"] > 0 and 0 < row["mfu"] and row["speed_log"].startswith("speed: ")
+        assert all(run["steps"] >= 1 and run["batch"] in (16, 32) for run in row["runs"])
+    assert table["results"][0]["data"] == "Batches" and table["peak_tflops"] > 0
+    assert "cifar" in res.stdout and "MFU" in res.stdout
