@@ -144,7 +144,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
             "flops_per_image": flops_per_image(cfg), "threads": torch.get_num_threads(),
             "data": type(trainer.batches).__name__, "graph": bool(static is not None and static.graph is not None),
             "params": sum(p.numel() for p in trainer.model.parameters()),
-            "compile": cfg.train.compile, "compile_mode": cfg.train.compile_mode, "attention": cfg.train.attention}
+            "compile": cfg.train.compile, "compile_mode": getattr(cfg.train, "compile_mode", "default"),
+            "attention": getattr(cfg.train, "attention", "auto")}  # getattr: also runs on code before issue 10
 
 
 def matmul_peak(device: str, smoke: bool) -> dict[str, Any]:
@@ -176,10 +177,10 @@ def make_data(folder: Path, smoke: bool, workloads: list[str]) -> None:
         make_latents(folder / "latents", 256 if smoke else 4096, (4, 8, 8) if smoke else (4, 32, 32))
 
 
-def launch(a: argparse.Namespace, kind: str, n: int, scratch: Path, out: Path) -> list[dict[str, Any]]:
+def launch(a: argparse.Namespace, kind: str, n: int, scratch: Path, out: Path, timeout: float) -> list[dict[str, Any]]:
     """Run `n` worker processes of `kind` at once; their results (or an error row each)."""
     barrier = Path(tempfile.mkdtemp(dir=scratch)) if n > 1 else None
-    procs = []
+    procs, started = [], time.perf_counter()
     for i in range(n):
         cmd = [sys.executable, __file__, "--worker", kind, "--index", str(i), "--ranks", str(n), "--scratch", str(scratch),
                "--device", a.device, "--warmup", str(a.warmup), "--seconds", str(a.seconds),
@@ -190,7 +191,7 @@ def launch(a: argparse.Namespace, kind: str, n: int, scratch: Path, out: Path) -
     rows = []
     for proc, log, i in procs:
         try:
-            proc.wait(timeout=a.timeout)
+            proc.wait(timeout=max(timeout - (time.perf_counter() - started), 1.0))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -203,7 +204,7 @@ def launch(a: argparse.Namespace, kind: str, n: int, scratch: Path, out: Path) -
         else:
             tail = text.strip().splitlines()[-5:]
             rows.append({"workload": kind, "index": i, "error": f"exit {proc.returncode}: " + " | ".join(tail)})
-            print(f"{kind} x{n} run {i} failed (exit {proc.returncode}, timeout {a.timeout} s):\n  " + "\n  ".join(tail))
+            print(f"{kind} x{n} run {i} failed (exit {proc.returncode}, time limit {timeout:.0f} s):\n  " + "\n  ".join(tail))
     return rows
 
 
@@ -231,6 +232,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 30; smoke 3)")
     p.add_argument("--seconds", type=float, default=None, help="timed window per run (default 10; smoke 1)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed (default 300; smoke 120)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for everything: runs that would not fit are "
+                   "skipped or cut (say so in the table); the JSON is rewritten after every row")
     p.add_argument("--set", action="append", default=[], help="[workload:]key=value config override; repeatable")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
@@ -252,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [k for k in kinds if k not in WORKLOADS]
     if bad:
         p.error(f"unknown workload(s) {bad}; valid: {', '.join(WORKLOADS)}")
-    out = Path(a.out)
+    begin, out = time.perf_counter(), Path(a.out)
     logs = out.with_suffix("")
     logs.mkdir(parents=True, exist_ok=True)
     peak = matmul_peak(a.device, a.smoke)
@@ -260,14 +263,22 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{torch.__version__}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     print(f"{'workload':<11} {'procs':>5} {'steps/s':>9} {'total':>9} {'img/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'peak MiB':>9} {'warm-up s':>9}  path", flush=True)
-    table = []
+    table: list[dict[str, Any]] = []
+    meta = {**peak, "device": a.device, "torch": torch.__version__, "smoke": a.smoke, "cpus": os.cpu_count(),
+            "sets": a.set, "warmup_steps": a.warmup, "seconds": a.seconds}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         make_data(scratch, a.smoke, kinds)
         for kind in kinds:
             for n in sorted({1, a.concurrent} if kind in SMALL and a.concurrent > 1 else {1}):
-                row = summarise(kind, launch(a, kind, n, scratch, logs), peak["peak_tflops"])
+                left = a.budget - (time.perf_counter() - begin) if a.budget else a.timeout
+                if left < 30:
+                    row = {"workload": kind, "procs": n, "error": f"skipped: {a.budget:.0f} s budget spent"}
+                else:
+                    row = summarise(kind, launch(a, kind, n, scratch, logs, min(a.timeout, left - 5)),
+                                    peak["peak_tflops"])
                 table.append(row)
+                out.write_text(json.dumps({**meta, "load_avg_1min": os.getloadavg()[0], "results": table}, indent=1))
                 if "error" in row:
                     print(f"{kind:<11} {n:>5}  failed: {row['error'][:150]}", flush=True)
                     continue
@@ -279,9 +290,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("steps/s: per process (mean); total: summed over the processes; warm-up: set-up excluded, compilation "
           "and graph capture included; peak MiB: CUDA allocator peak in the window (CPU: resident peak); JSON also "
           "holds steps per process CPU-second (steps_per_cpu_s), steadier than wall time on a shared machine")
-    out.write_text(json.dumps({**peak, "device": a.device, "torch": torch.__version__, "smoke": a.smoke,
-                               "load_avg_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "sets": a.set,
-                               "warmup_steps": a.warmup, "seconds": a.seconds, "results": table}, indent=1))
     print(f"wrote {out} (worker logs in {logs}/)")
     return 0 if all("error" not in r for r in table) else 1
 

@@ -11,10 +11,12 @@ the same body runs eagerly: the graph's eager twin, which the CPU tests compare 
 general step. Grad accumulation and DDP keep the general step (`Trainer.train_step`).
 
 Several runs on one GPU: each process otherwise keeps torch's default of one OpenMP thread per core, and
-idle OpenMP threads busy-wait (libgomp's active wait policy), so four launch-bound runs on 16 cores keep
-64 spinning threads that steal the cores of the threads launching kernels. `default_threads` gives a CUDA
-run a few threads instead. Kernels of different processes still time-share the GPU (one context at a
-time) unless NVIDIA MPS is running; fewer, larger launches (CUDA graphs) are what make sharing pay.
+idle OpenMP threads busy-wait (libgomp's default active wait policy), so four launch-bound runs on 16
+cores keep 64 spinning threads that take the cores from the threads launching kernels. `default_threads`
+gives a CUDA run a few threads instead. Without NVIDIA MPS the GPU runs one process's context at a time
+(time-slicing): runs together can only fill the time each leaves the GPU idle, so they gain when each
+step is one graph launch with its data already on the device, and MPS (kernels of several processes at
+once) can add more. None of this is measured yet on a GPU by this project.
 """
 
 from __future__ import annotations
