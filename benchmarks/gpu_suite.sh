@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check the open issues ask for, in one device call of at most 8 minutes: each part has a time
 # limit (seconds, overridable), and a part that hits it leaves what it measured so far.
-#   1. issue 10, benchmarks/train_speed.py (SPEED_S=260): the real Trainer loop for the CIFAR-size pixel
+#   0. issue 10, benchmarks/graph_check.py (<= 75 s): the captured step against the eager step and the host
+#      loader, 60 quickstart steps from one seed: weights, EMA and optimizer state compared
+#   1. issue 10, benchmarks/train_speed.py (SPEED_S=225): the real Trainer loop for the CIFAR-size pixel
 #      ViT alone and 4 at once, ViT-B/2 at batch 256, ViT-XL/2 at 64, the quickstart alone and 4 at once;
 #      img/s, steps/s, TFLOP/s, MFU against the bf16 matmul peak measured in the same run, memory, warm-up
 #   2. issue 3, backbones alone (BACKBONE_S=40): ViT-B/2 at 256 and ViT-XL/2 at 64, eager bf16 fwd+bwd
@@ -25,10 +27,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ "${SMOKE:-0}" == 1 ]]; then
     DEV=cpu; SPEED=(--smoke --workloads cifar,vit_b --seconds 0.5); BENCH=(--models vit_tiny --dtype fp32 --steps 2 --warmup 1)
     CIFAR_STEPS=20; CIFAR_MODEL="vit_tiny"; TASKS=4; COMPILE=false; ABL_SET=(--smoke --seconds 0.5); ATTN=(flash math)
+    CHECK_STEPS=6
 else
     DEV=cuda; SPEED=(--workloads cifar,vit_b,vit_xl,quickstart --seconds 6 --warmup 30); ATTN=(flash cudnn)
     BENCH=(--models vit_b --dtype bf16 --peak-tflops 989); CIFAR_STEPS=${CIFAR_STEPS:-1500}; CIFAR_MODEL="vit_s"
-    TASKS=20; COMPILE=true; ABL_SET=(--seconds 6 --warmup 30)
+    TASKS=20; COMPILE=true; ABL_SET=(--seconds 6 --warmup 30); CHECK_STEPS=60
 fi
 limit() {  # limit SECONDS CMD...: run CMD, stopped after SECONDS; never ends the suite
     local s=$1; shift
@@ -61,8 +64,12 @@ if [[ "${ABLATE:-0}" == 1 ]]; then
     exit 0
 fi
 
+# 0. issue 10: the CUDA graph computes what the eager step computes
+limit 75 $PY benchmarks/graph_check.py --device $DEV --steps $CHECK_STEPS --out "$OUT/graph_check.json" 2>&1 \
+    | tr '\r' '\n' | grep -v "step/s\|s/step\|^ *$" | tee "$OUT/graph_check.txt"
+
 # 1. issue 10: training speed through the Trainer loop
-limit "${SPEED_S:-260}" $PY benchmarks/train_speed.py --device $DEV "${SPEED[@]}" --budget $((${SPEED_S:-260} - 15)) \
+limit "${SPEED_S:-225}" $PY benchmarks/train_speed.py --device $DEV "${SPEED[@]}" --budget $((${SPEED_S:-225} - 15)) \
     --out "$OUT/train_speed.json" 2>&1 | tee "$OUT/train_speed.txt"
 
 # 2. issue 3: the backbones alone (eager; train_speed above has them compiled in the real loop)

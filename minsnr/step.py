@@ -170,6 +170,8 @@ class StaticStep:
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
         self.zero_grad()
-        with torch.cuda.graph(graph, stream=self.stream):
+        # thread_local: the loader's pin-memory thread may allocate pinned memory meanwhile (global mode would
+        # invalidate the capture and poison that thread); kernels are captured by stream, backward's included
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             out = self.body(*self.buffers)  # type: ignore[misc]
         self.graph, self.out = graph, out
