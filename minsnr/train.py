@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minsnr import checkpoint as ck
-from minsnr.config import Config, ConfigError, dump_yaml, to_dict
+from minsnr import resume
+from minsnr.config import Config, ConfigError, dump_yaml
 from minsnr.data import Batches, build_dataset
 from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.runlog import BinStats, MetricsLog
@@ -130,47 +131,21 @@ class Trainer:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_requested = False
 
-    # ---- resume -------------------------------------------------------------------------------
+    # ---- resume (minsnr.resume) -----------------------------------------------------------------
     def _resume(self) -> None:
-        cfg = self.cfg
-        found: tuple[Path, dict[str, Any]] | None = None
-        if cfg.resume == "auto":
-            found = ck.find_resumable(self.ckpt_dir)
-        elif cfg.resume != "never":
-            found = (Path(cfg.resume), ck.load_checkpoint(cfg.resume))
-        elif ck.step_files(self.ckpt_dir):
-            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints and resume=never; "
-                              "use resume=auto to continue or choose another run_dir")
+        found = resume.find_checkpoint(self.cfg, self.ckpt_dir, self._print)
+        if self.rank == 0:
+            resume.clean_temporaries(self.run_dir, self._print)
         if found is None:
             return
-        path, state = found
-        stored = state.get("config", {}).get("model")
-        if stored != to_dict(cfg)["model"]:
-            raise ck.CheckpointError(f"{path} was trained with model {stored}, but this config says "
-                                     f"{to_dict(cfg)['model']}; use another run_dir or the same model section")
-        ck.strict_load(self.model, state["model"], f"{path} (model)")
-        ck.strict_load(self.ema, state["ema"], f"{path} (ema)")
-        try:
-            self.opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise ck.CheckpointError(f"{path}: optimiser state does not fit: {err}") from None
-        self.batches.load_state_dict(state["data"])
-        ck.set_rng_state(state["rng"])
-        if self.rank < len(state["rng_ranks"]):  # each rank's own torch stream (dropout)
-            torch.set_rng_state(state["rng_ranks"][self.rank])
-        self.step = int(state["step"])
-        self._print(f"resumed from {path} at step {self.step}")
+        self.step = resume.restore(found, self.cfg, self.model, self.ema, self.opt, self.batches, self.rank)
+        if self.rank == 0:
+            resume.repair_export(self.run_dir, self.ema, self.cfg, self.step, self._print)
+        self._print(f"resumed from {found.path} at step {self.step}")
 
     def _state(self) -> dict[str, Any]:
-        rng = ck.rng_state()
-        ranks = [rng["torch"]]
-        if self.world > 1:
-            ranks = [torch.empty_like(rng["torch"]) for _ in range(self.world)]
-            dist.all_gather_object(ranks, rng["torch"])  # type: ignore[arg-type]
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "step": self.step, "config": to_dict(self.cfg), "rng": rng, "rng_ranks": ranks,
-                "data": self.batches.state_dict(), "class_names": list(self.dataset.class_names),
-                "version": ck.VERSION}
+        return resume.training_state(self.model, self.ema, self.opt, self.step, self.cfg, self.batches,
+                                     self.dataset.class_names, self.world)
 
     # ---- one optimiser step ---------------------------------------------------------------------
     def _lr(self) -> float:
@@ -228,8 +203,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if int(bad) >= 0:
-            last = ck.find_resumable(self.ckpt_dir)
-            where = f"the last good checkpoint is {last[0]} (step {last[1]['step']})" if last else "no checkpoint was written"
+            where = resume.describe_last_good(self.ckpt_dir)
             raise NonFiniteLoss(f"non-finite loss or gradient at step {int(bad)}; training stopped, {where}. "
                                 "Try a lower optim.lr, optim.grad_clip, or train.precision=fp32.")
 
@@ -241,13 +215,10 @@ class Trainer:
     def save(self) -> Path:
         self.check_finite()
         state = self._state()  # collective under DDP: every rank takes part
-        path = ck.step_path(self.ckpt_dir, self.step)
         if self.rank == 0:
-            ck.save_checkpoint(path, state)
-            ck.link_latest(self.ckpt_dir, path)
-            ck.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
-            ck.export_safetensors(self.run_dir / "ema.safetensors", self.ema.state_dict(), self.cfg)
-        return path
+            resume.save(state, self.ema, self.cfg, self.run_dir, self._print)
+        self.saved_step = self.step
+        return ck.step_path(self.ckpt_dir, self.step)
 
     def _run_hooks(self, final: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -260,7 +231,7 @@ class Trainer:
         return metrics
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+        self.stop_requested, self.stop_signal = True, signum
         self._print(f"signal {signum}: saving a checkpoint after this step, then stopping")
 
     def run(self) -> dict[str, Any]:
@@ -269,7 +240,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
-            log = MetricsLog(self.run_dir, self.step, cfg.log.tensorboard)
+            log = MetricsLog(self.run_dir, self.step, cfg.log.tensorboard, say=self._print)
+        self.saved_step, self.stop_signal = self.step, 0  # the checkpoint resumed from needs no second save
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.world
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
@@ -297,7 +269,7 @@ class Trainer:
                     tick, tick_step = time.perf_counter(), self.step  # hooks' time is not training time
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or final:
                     self.save()
-            if self.stop_requested:
+            if self.stop_requested and self.saved_step != self.step:
                 self.save()
             if self.world > 1:
                 self._check_ranks_agree()
@@ -308,7 +280,8 @@ class Trainer:
             self.batches.close()
             if log is not None:
                 log.close()
-        return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir)}
+        stopped = self.stop_signal if self.step < cfg.train.steps else 0
+        return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir), "stopped_by_signal": stopped}
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; verify it once at the end rather than trust it."""
