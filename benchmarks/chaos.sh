@@ -4,11 +4,14 @@
 # operation the run makes, resumes it with the same command and classifies the outcome: PASS, LOST_WORK
 # (resumed from an older checkpoint than the newest complete one), HARD_FAIL (the resume failed) or
 # SILENT_DIVERGENCE (the final state differs from the fault-free run; benchmarks/chaos_result.py).
-# Every checkpoint is kept (checkpoint.keep=10), as ckpt-chaos needs to judge LOST_WORK.
+# Every checkpoint is kept (checkpoint.keep=10), as ckpt-chaos needs to judge LOST_WORK. A step file is
+# complete when its name is there (--ckpt-ignore-size): it only ever appears by an atomic rename of a
+# fsynced temporary, and its size varies from run to run (it holds Python's unseeded `random` state).
 #
 #   benchmarks/chaos.sh [WORK_DIR]          # tens of minutes on 2 cores; not part of `make test`
 #
-# Exits non-zero when any point is not PASS. PYTHON picks the interpreter (default .venv/bin/python).
+# Exits non-zero when any point is not PASS. PYTHON picks the interpreter (default .venv/bin/python),
+# JOBS the crash points run at once (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,8 +21,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
 
 start=$(date +%s)
 status=0
-"$PY" -m ckpt_chaos run --work "$WORK" --modes before,torn --max-points 500 --jobs 1 --timeout 600 \
-    --checkpoint-glob '{out}/checkpoints/step_*.pt' --step-regex 'resumed from \S+ at step (\d+)' \
+"$PY" -m ckpt_chaos run --work "$WORK" --modes before,torn --max-points 500 --jobs "${JOBS:-1}" --timeout 600 \
+    --checkpoint-glob '{out}/checkpoints/step_*.pt' --ckpt-ignore-size --step-regex 'resumed from \S+ at step (\d+)' \
     --result-cmd "$PY benchmarks/chaos_result.py {out}" \
     --fail-on HARD_FAIL,SILENT_DIVERGENCE,LOST_WORK,CONTROL_FAIL --summary "$WORK/summary.md" \
     -- "$PY" -m minsnr train configs/quickstart.yaml 'run_dir={out}' train.steps=20 checkpoint.every=5 \
