@@ -95,7 +95,9 @@ def last_good(ckpt_dir: Path) -> tuple[Path, int] | None:
 
 def describe_last_good(ckpt_dir: Path) -> str:
     last = last_good(ckpt_dir)
-    return f"the last good checkpoint {last[0]} (step {last[1]}) is intact" if last else f"no readable checkpoint in {ckpt_dir} yet"
+    if last is None:
+        return f"no readable checkpoint in {ckpt_dir} yet"
+    return f"the last good checkpoint {last[0]} (step {last[1]}) is intact"
 
 
 def find_checkpoint(cfg: Config, ckpt_dir: Path, say: Say) -> Found | None:
