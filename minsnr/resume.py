@@ -66,15 +66,16 @@ def newest_checkpoint(ckpt_dir: Path, say: Say) -> Found | None:
     """The newest checkpoint that loads completely. Each newer one that does not is named in a warning with
     the reason; when there are checkpoints and none loads: CheckpointError (nothing is deleted)."""
     skipped: list[tuple[Path, str]] = []
-    found = None
-    for step, path in _candidates(ckpt_dir, skipped):
+    found, older = None, []
+    candidates = _candidates(ckpt_dir, skipped)
+    for i, (step, path) in enumerate(candidates):
         try:
             state = ck.load_checkpoint(path)
             _check_state(path, state, None if path.name == "latest.pt" else step)
         except ck.CheckpointError as err:
             skipped.append((path, str(err)))
             continue
-        found = Found(path, state)
+        found, older = Found(path, state), candidates[i + 1:]
         break
     if found is None and skipped:
         raise ck.CheckpointError(f"no checkpoint in {ckpt_dir} can be read: " + "; ".join(why for _, why in skipped)
@@ -82,6 +83,10 @@ def newest_checkpoint(ckpt_dir: Path, say: Say) -> Found | None:
                                  "step 0, or give resume=PATH")
     for path, why in skipped:
         say(f"warning: skipped {path}: {why}")
+    for step, path in older:  # not needed now, but named: the next save deletes them
+        why = _unreadable(path, None if path.name == "latest.pt" else step)
+        if why is not None:
+            say(f"warning: older checkpoint {path} cannot be read: {why}")
     return found
 
 

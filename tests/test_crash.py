@@ -136,6 +136,17 @@ def test_pruning_never_keeps_an_unreadable_checkpoint_over_a_readable_one(tmp_pa
     assert sorted(p.name for p in ckpts(tmp_path).glob("step_*.pt")) == ["step_000000004.pt", "step_000000006.pt"]
 
 
+def test_unreadable_older_checkpoint_is_named_then_pruned(tmp_path, capsys):
+    train(tiny_cfg(tmp_path, "train.steps=4"))
+    truncate(step_file(tmp_path, 2))
+    capsys.readouterr()
+    train(tiny_cfg(tmp_path, "train.steps=6"))
+    out = capsys.readouterr().out
+    assert f"warning: older checkpoint {step_file(tmp_path, 2)} cannot be read" in out
+    assert f"warning: deleted {step_file(tmp_path, 2)}, which cannot be read" in out
+    assert sorted(p.name for p in ckpts(tmp_path).glob("step_*.pt")) == ["step_000000004.pt", "step_000000006.pt"]
+
+
 def test_stale_temporaries_are_removed_at_start_and_said(tmp_path, capsys):
     """Defect 5: every kill during a save leaves a temporary; the next start of the run cleans them."""
     train(tiny_cfg(tmp_path, "train.steps=2"))
