@@ -3,7 +3,7 @@
 A checkpoint is a dict saved with torch.save and read back with torch.load(weights_only=True):
     model, ema, optimizer: state dicts; step: int; config: identity_config(Config); rng: {"torch", "cuda",
     "numpy", "python"}; rng_ranks; data: Batches.state_dict(); class_names; version.
-Writes go to a temporary file `.NAME.*.tmp` in the same folder, are fsynced, then renamed over the target,
+Writes go to a temporary file `.NAME.tmp` in the same folder, are fsynced, then renamed over the target,
 so a kill -9 at any moment leaves the previous file intact (at worst with a stale temporary beside it,
 which minsnr.resume removes at the next start). `latest.pt` is a hard link to the newest step. A write
 that fails (disk full ...) raises WriteError naming the file; the temporary is removed.
@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Callable, BinaryIO
 
@@ -76,8 +75,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open() gives
+        tmp = path.parent / f".{path.name}.tmp"  # one writer per run folder (rank 0); a stale one is overwritten
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask's permissions, as open() gives
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -140,7 +139,7 @@ def step_files(ckpt_dir: Path) -> list[Path]:
 
 def link_latest(ckpt_dir: Path, path: Path) -> None:
     """Atomically point checkpoints/latest.pt at `path` (hard link, no second copy on disk)."""
-    tmp = ckpt_dir / f".latest.{os.getpid()}.tmp"
+    tmp = ckpt_dir / ".latest.pt.tmp"
     try:
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)

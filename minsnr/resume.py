@@ -4,8 +4,8 @@ leaves behind is used, ignored or deleted without a line saying so.
 
 At start-up a run continues from the newest checkpoint that reads (by step, latest.pt and step files alike);
 each unreadable one is named with the reason, and when checkpoints exist but none reads the run refuses and
-deletes nothing. Then the temporaries of killed saves are removed, and an EMA export missing or behind the
-checkpoint is rewritten. A save writes the step file, points latest.pt at it, exports the EMA weights with
+deletes nothing. Then the temporaries of killed saves are removed, and latest.pt and the EMA export, when missing or
+behind the checkpoint, are brought up to it. A save writes the step file, points latest.pt at it, exports the EMA weights with
 their step, and only then prunes the checkpoints that the new, re-read one supersedes.
 """
 
@@ -121,7 +121,7 @@ def find_checkpoint(cfg: Config, ckpt_dir: Path, say: Say) -> Found | None:
 
 
 def clean_temporaries(run_dir: Path, say: Say) -> None:
-    """Remove the temporaries (.NAME.*.tmp) that killed saves left in this run's folder and checkpoints/."""
+    """Remove the temporaries (.NAME.tmp) that killed saves left in this run's folder and checkpoints/."""
     stale = sorted(p for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file())
     for p in stale:
         p.unlink(missing_ok=True)
@@ -163,6 +163,16 @@ def repair_export(run_dir: Path, ema: nn.Module, cfg: Config, step: int, say: Sa
     why = "is missing" if not path.exists() else f"holds step {have}" if have is not None else "has no readable step"
     ck.export_safetensors(path, ema.state_dict(), cfg, step)
     say(f"{path} {why}; rewrote it with the EMA weights of step {step}")
+
+
+def repair_latest(ckpt_dir: Path, path: Path, say: Say) -> None:
+    """Point latest.pt at the step file resumed from, when a kill left it behind (or missing): a run already at
+    its last step saves no more, and `minsnr sample .../latest.pt` must not get older weights."""
+    latest = ckpt_dir / "latest.pt"
+    if path.parent != ckpt_dir or path == latest or (latest.is_file() and latest.samefile(path)):
+        return
+    ck.link_latest(ckpt_dir, path)
+    say(f"{latest} was behind; it now points at {path.name}")
 
 
 def training_state(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: Config,
@@ -211,4 +221,4 @@ def save(state: dict[str, Any], ema: nn.Module, cfg: Config, run_dir: Path, say:
 
 
 __all__ = ["Found", "newest_checkpoint", "last_good", "describe_last_good", "find_checkpoint", "clean_temporaries",
-           "restore", "repair_export", "training_state", "prune", "save"]
+           "restore", "repair_export", "repair_latest", "training_state", "prune", "save"]

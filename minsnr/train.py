@@ -139,6 +139,8 @@ class Trainer:
         if found is None:
             return
         self.step = resume.restore(found, self.cfg, self.model, self.ema, self.opt, self.batches, self.rank)
+        if self.rank == 0 and self.cfg.resume == "auto":
+            resume.repair_latest(self.ckpt_dir, found.path, self._print)
         if self.rank == 0:
             resume.repair_export(self.run_dir, self.ema, self.cfg, self.step, self._print)
         self._print(f"resumed from {found.path} at step {self.step}")

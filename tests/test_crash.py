@@ -52,8 +52,11 @@ def test_resume_takes_newest_complete_checkpoint_not_latest(tmp_path, capsys):
     train(tiny_cfg(tmp_path, "train.steps=4"))
     point_latest_at(tmp_path, 2)
     capsys.readouterr()
-    train(tiny_cfg(tmp_path, "train.steps=6"))
-    assert f"resumed from {step_file(tmp_path, 4)} at step 4" in capsys.readouterr().out
+    train(tiny_cfg(tmp_path, "train.steps=4"))  # the run is complete: it only has to notice
+    out = capsys.readouterr().out
+    assert f"resumed from {step_file(tmp_path, 4)} at step 4" in out
+    assert f"latest.pt was behind; it now points at {step_file(tmp_path, 4).name}" in out
+    assert (ckpts(tmp_path) / "latest.pt").samefile(step_file(tmp_path, 4))
 
 
 @pytest.mark.parametrize("damage", ["behind", "missing"])
@@ -150,8 +153,8 @@ def test_unreadable_older_checkpoint_is_named_then_pruned(tmp_path, capsys):
 def test_stale_temporaries_are_removed_at_start_and_said(tmp_path, capsys):
     """Defect 5: every kill during a save leaves a temporary; the next start of the run cleans them."""
     train(tiny_cfg(tmp_path, "train.steps=2"))
-    stale = [ckpts(tmp_path) / ".step_000000004.pt.77.1f2e.tmp", ckpts(tmp_path) / ".latest.77.tmp",
-             tmp_path / ".ema.safetensors.tmp"]
+    stale = [ckpts(tmp_path) / ".step_000000004.pt.tmp", ckpts(tmp_path) / ".latest.77.tmp",
+             tmp_path / ".ema.safetensors.7.1f2e.tmp"]  # names of this version and of earlier ones
     for p in stale:
         p.write_bytes(step_file(tmp_path, 2).read_bytes())
     elsewhere = tmp_path / "previews"
