@@ -1,62 +1,99 @@
 """Checkpoints: atomic writes, strict loads, no pickle on load, EMA weights also as safetensors.
 
 A checkpoint is a dict saved with torch.save and read back with torch.load(weights_only=True):
-    model, ema, optimizer: state dicts; step: int; config: minsnr.config.to_dict(Config);
-    rng: {"torch", "cuda", "numpy", "python"}; data: Batches.state_dict(); class_names; version.
-Writes go to a temporary file in the same folder, are fsynced, then renamed over the target, so a
-kill -9 at any moment leaves the previous file intact. `latest.pt` is a hard link to the newest step.
+    model, ema, optimizer: state dicts; step: int; config: identity_config(Config); rng: {"torch", "cuda",
+    "numpy", "python"}; rng_ranks; data: Batches.state_dict(); class_names; version.
+Writes go to a temporary file `.NAME.tmp` in the same folder, are fsynced, then renamed over the target,
+so a kill -9 at any moment leaves the previous file intact (at worst with a stale temporary beside it,
+which minsnr.resume removes at the next start). `latest.pt` is a hard link to the newest step. A write
+that fails (disk full ...) raises WriteError naming the file; the temporary is removed.
+The stored config leaves run_dir empty: where a run lives is no part of what its weights are, so two
+identical runs in different folders write identical ema.safetensors bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, BinaryIO
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
+import safetensors.torch
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from minsnr.config import Config, from_dict
+from minsnr.config import Config, from_dict, to_dict
 from minsnr.models import build_model
 
 VERSION = 1
 STEP_FILE = re.compile(r"step_(\d{9})\.pt$")
+REQUIRED = ("model", "ema", "optimizer", "step", "config", "rng", "rng_ranks", "data")  # what resume reads
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class WriteError(OSError):
+    """A file of the run could not be written (disk full, no permission ...); the message names the file."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(err.errno, err.strerror or str(err), str(path))
+        what = "disk full writing" if err.errno == errno.ENOSPC else "cannot write"
+        self.message = f"{what} {path} ({err.strerror or err})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: itself, or the one a native writer (torch.save) turned into a RuntimeError."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through a fsynced temporary and a rename: readers see the old file or the new one."""
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp"  # one writer per run folder (rank 0); a stale one is overwritten
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask's permissions, as open() gives
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write {path}: {err} (disk full?); the previous checkpoint is intact") from err
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        cause = _os_error(err)
+        if cause is not None:
+            raise WriteError(path, cause) from err
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -70,8 +107,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {p}: {type(err).__name__}: {str(err)[:300]}") from err
 
 
+def read_step(path: Path) -> int:
+    """The step a checkpoint holds, read through a memory map (the weights are not read); CheckpointError if the
+    file is truncated, not weights-only, or not a minsnr training checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}") from err
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a minsnr training checkpoint (no {', '.join(missing)})")
+    return int(state["step"])
+
+
 def step_path(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"step_{step:09d}.pt"
+
+
+def step_of(path: Path) -> int:
+    """The step in a step file's name."""
+    m = STEP_FILE.search(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not named step_NNNNNNNNN.pt")
+    return int(m.group(1))
 
 
 def step_files(ckpt_dir: Path) -> list[Path]:
@@ -81,26 +139,20 @@ def step_files(ckpt_dir: Path) -> list[Path]:
 
 def link_latest(ckpt_dir: Path, path: Path) -> None:
     """Atomically point checkpoints/latest.pt at `path` (hard link, no second copy on disk)."""
-    tmp = ckpt_dir / f".latest.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.link(path, tmp)
-    os.replace(tmp, ckpt_dir / "latest.pt")
+    tmp = ckpt_dir / ".latest.pt.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, ckpt_dir / "latest.pt")
+        _fsync_dir(ckpt_dir)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(ckpt_dir / "latest.pt", err) from err
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    for old in step_files(ckpt_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def find_resumable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads: latest.pt, else step files newest first."""
-    for p in [ckpt_dir / "latest.pt", *reversed(step_files(ckpt_dir))]:
-        if p.is_file():
-            try:
-                return p, load_checkpoint(p)
-            except CheckpointError:
-                continue
-    return None
+def identity_config(cfg: Config) -> dict[str, Any]:
+    """The config as stored with weights: everything that defines them, not the folder they were written to."""
+    return {**to_dict(cfg), "run_dir": ""}
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,16 +184,40 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
                               + "\n  ".join(lines[:6]) + more) from None
 
 
-def export_safetensors(path: str | Path, weights: dict[str, torch.Tensor], cfg: Config) -> None:
-    """EMA weights for sharing: safetensors, with the run's config as JSON metadata."""
-    from minsnr.config import to_dict
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, memoryview]:
+    """The safetensors file as (header, data), with the JSON header's keys sorted: safetensors writes its
+    metadata in hash order, which changes from process to process, and identical weights must give identical
+    bytes. The header stays padded with spaces to a multiple of 8 bytes, as the format asks."""
+    raw = safetensors.torch.save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header, memoryview(raw)[8 + n:]
 
+
+def export_safetensors(path: str | Path, weights: dict[str, torch.Tensor], cfg: Config, step: int,
+                       class_names: Sequence[str] = ()) -> None:
+    """EMA weights for sharing: safetensors, with the run's identity config, step and the data's class
+    names (label i is class_names[i]) as metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    meta = {"config": json.dumps(to_dict(cfg)), "format": "minsnr", "version": str(VERSION)}
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    save_safetensors(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, p)
+    meta = {"config": json.dumps(identity_config(cfg)), "format": "minsnr", "version": str(VERSION), "step": str(step),
+            "class_names": json.dumps(list(class_names))}
+    header, data = _safetensors_bytes(tensors, meta)
+
+    def write(f: BinaryIO) -> None:
+        f.write(header)
+        f.write(data)
+
+    atomic_write(Path(path), write)
+
+
+def export_step(path: Path) -> int | None:
+    """The step an ema.safetensors export holds; None if it is missing, unreadable or has no step."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # missing, torn, or written before exports carried their step
+        return None
 
 
 def load_model(path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
@@ -150,8 +226,6 @@ def load_model(path: str | Path, *, ema: bool = True, map_location: str | torch.
     if p.suffix == ".safetensors":
         if not p.is_file():
             raise CheckpointError(f"weights file not found: {p}")
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
         if "config" not in meta:

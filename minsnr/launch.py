@@ -5,6 +5,7 @@ The hooks live in higher layers (evaluate, pareto), so they are assembled here a
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch.distributed as dist
 
-from minsnr.checkpoint import CheckpointError
+from minsnr.checkpoint import CheckpointError, WriteError
 from minsnr.config import Config, ConfigError, load_config
 from minsnr.data import BadImagesError
+from minsnr.distributed import teardown
 from minsnr.evaluate.util import log_through_progress_bars
+from minsnr.resume import describe_last_good
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
 
@@ -67,21 +69,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     log_through_progress_bars()  # a skipped-file warning on its own line, not glued to the progress bar
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))
     except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError) as err:
         print(f"minsnr train: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except OSError as err:  # disk full, no permission ...: say which file, and what is safe
+        what = str(err)
+        if not isinstance(err, WriteError) and err.errno == errno.ENOSPC:
+            what = f"disk full writing {err.filename or 'a file of the run'} ({err.strerror})"
+        safe = describe_last_good(Path(cfg.run_dir) / "checkpoints") if cfg is not None else "no checkpoint was written"
+        print(f"minsnr train: error: {what}; {safe}", file=sys.stderr)
+        return 1
     finally:
-        if dist.is_initialized():  # a clean stop on every rank, also when one rank failed alone
-            dist.destroy_process_group()
-    run = Path(result["run_dir"])
-    if os.environ.get("RANK", "0") == "0":  # torchrun sets RANK; print once
+        teardown()  # a clean stop on every rank, also when one rank failed alone
+    run, stopped = Path(result["run_dir"]), int(result["stopped_by_signal"])
+    if os.environ.get("RANK", "0") == "0" and stopped:  # torchrun sets RANK; print once
+        print(f"\nstopped at step {result['step']}; run the same command to resume")
+    elif os.environ.get("RANK", "0") == "0":
         print(f"\ntrained to step {result['step']}; outputs in {run}/:")
         for name, what in [("samples.png", "latest EMA sample grid"), ("checkpoints/latest.pt", "checkpoint (resume=auto)"),
                            ("ema.safetensors", "EMA weights"), ("metrics.jsonl", "metrics"),
                            ("config.yaml", "resolved config"), ("tensorboard", "tensorboard --logdir " + str(run / "tensorboard"))]:
             if (run / name).exists():
                 print(f"  {run / name}: {what}")
-    return 0
+    return 128 + stopped if stopped else 0  # the shell's convention for a run ended by a signal (130, 143)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from minsnr.checkpoint import WriteError, atomic_write
 
 NUM_BINS = 10
 
@@ -48,15 +50,45 @@ class BinStats:
         return out
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl holds a line that is not a JSON record (other than a torn last line)."""
+
+
+def read_records(path: Path, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file. A torn last line (a write cut short by a kill or a full disk) is
+    dropped with a warning; an unparseable line before it is an error naming the file and the line."""
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last:
+                say(f"warning: {path}: dropped its torn last line {i + 1} ({err.msg}), left by an interrupted write")
+                continue
+            raise MetricsError(f"{path} line {i + 1} is not JSON ({err.msg}); repair or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            raise MetricsError(f"{path} line {i + 1} is not a metrics record with an integer step; repair or delete it")
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per log step to metrics.jsonl, mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, say: Callable[[str], None] = print):
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # drop records past the checkpoint we resume from (they will be redone)
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            records = read_records(self.path, say)
+            kept = [r for r in records if r.get("step", 0) <= resume_step]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            if len(kept) < len(records):
+                say(f"{self.path}: dropped {len(records) - len(kept)} records past step {resume_step} (they are redone)")
+            if text != self.path.read_text():
+                atomic_write(self.path, lambda f: f.write(text.encode()))
         self.writer: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,8 +96,11 @@ class MetricsLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as err:  # a torn line may stay behind: the next start drops it
+            raise WriteError(self.path, err) from err
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)

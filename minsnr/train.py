@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from minsnr import checkpoint as ck
-from minsnr.config import Config, ConfigError, dump_yaml, to_dict, with_model_args
+from minsnr import resume
+from minsnr.config import Config, ConfigError, dump_yaml, with_model_args
 from minsnr.data import build_dataset
 from minsnr.data.device import make_batches
 from minsnr.distributed import setup
@@ -157,47 +158,23 @@ class Trainer:
             return model
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    # ---- resume -------------------------------------------------------------------------------
+    # ---- resume (minsnr.resume) -----------------------------------------------------------------
     def _resume(self) -> None:
-        cfg = self.cfg
-        found: tuple[Path, dict[str, Any]] | None = None
-        if cfg.resume == "auto":
-            found = ck.find_resumable(self.ckpt_dir)
-        elif cfg.resume != "never":
-            found = (Path(cfg.resume), ck.load_checkpoint(cfg.resume))
-        elif ck.step_files(self.ckpt_dir):
-            raise ConfigError(f"{self.ckpt_dir} already holds checkpoints and resume=never; "
-                              "use resume=auto to continue or choose another run_dir")
+        found = resume.find_checkpoint(self.cfg, self.ckpt_dir, self._print)
+        if self.rank == 0:
+            resume.clean_temporaries(self.run_dir, self._print)
         if found is None:
             return
-        path, state = found
-        stored = state.get("config", {}).get("model")
-        if stored != to_dict(cfg)["model"]:
-            raise ck.CheckpointError(f"{path} was trained with model {stored}, but this config says "
-                                     f"{to_dict(cfg)['model']}; use another run_dir or the same model section")
-        ck.strict_load(self.model, state["model"], f"{path} (model)")
-        ck.strict_load(self.ema, state["ema"], f"{path} (ema)")
-        try:
-            self.opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise ck.CheckpointError(f"{path}: optimiser state does not fit: {err}") from None
-        self.batches.load_state_dict(state["data"])
-        ck.set_rng_state(state["rng"])
-        if self.rank < len(state["rng_ranks"]):  # each rank's own torch stream (dropout)
-            torch.set_rng_state(state["rng_ranks"][self.rank])
-        self.step = int(state["step"])
-        self._print(f"resumed from {path} at step {self.step}")
+        self.step = resume.restore(found, self.cfg, self.model, self.ema, self.opt, self.batches, self.rank)
+        if self.rank == 0 and self.cfg.resume == "auto":
+            resume.repair_latest(self.ckpt_dir, found.path, self._print)
+        if self.rank == 0:
+            resume.repair_export(self.run_dir, self.ema, self.cfg, self.step, self.dataset.class_names, self._print)
+        self._print(f"resumed from {found.path} at step {self.step}")
 
     def _state(self) -> dict[str, Any]:
-        rng = ck.rng_state()
-        ranks = [rng["torch"]]
-        if self.world > 1:
-            ranks = [torch.empty_like(rng["torch"]) for _ in range(self.world)]
-            dist.all_gather_object(ranks, rng["torch"])  # type: ignore[arg-type]
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                "step": self.step, "config": to_dict(self.cfg), "rng": rng, "rng_ranks": ranks,
-                "data": self.batches.state_dict(), "class_names": list(self.dataset.class_names),
-                "version": ck.VERSION}
+        return resume.training_state(self.model, self.ema, self.opt, self.step, self.cfg, self.batches,
+                                     self.dataset.class_names, self.world)
 
     # ---- one optimiser step ---------------------------------------------------------------------
     def _lr(self) -> float:
@@ -281,8 +258,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if int(bad) >= 0:
-            last = ck.find_resumable(self.ckpt_dir)
-            where = f"the last good checkpoint is {last[0]} (step {last[1]['step']})" if last else "no checkpoint was written"
+            where = resume.describe_last_good(self.ckpt_dir)
             raise NonFiniteLoss(f"non-finite loss or gradient at step {int(bad)}; training stopped, {where}. "
                                 "Try a lower optim.lr, optim.grad_clip, or train.precision=fp32.")
 
@@ -294,13 +270,18 @@ class Trainer:
     def save(self) -> Path:
         self.check_finite()
         state = self._state()  # collective under DDP: every rank takes part
-        path = ck.step_path(self.ckpt_dir, self.step)
         if self.rank == 0:
-            ck.save_checkpoint(path, state)
-            ck.link_latest(self.ckpt_dir, path)
-            ck.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
-            ck.export_safetensors(self.run_dir / "ema.safetensors", self.ema.state_dict(), self.cfg)
-        return path
+            resume.save(state, self.ema, self.cfg, self.run_dir, self._print)
+        self.saved_step = self.step
+        return ck.step_path(self.ckpt_dir, self.step)
+
+    def _read_metrics(self, img_per_s: float) -> dict[str, float]:
+        """Check for non-finite values, then the loss and per-bin x0 MSE (figure 6) since the last read."""
+        self.check_finite()
+        metrics = self.stats.read_and_reset()
+        metrics.update(lr=self._lr(), grad_norm=float(self.grad_norm), epoch=self.batches.epoch,
+                       bad_images=len(self.batches.bad_files), img_per_s=img_per_s)
+        return metrics
 
     def _run_hooks(self, final: bool) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -309,11 +290,16 @@ class Trainer:
         ctx = HookContext(self.step, self.model, self.ema, self.cfg, self.schedule, self.device, self.run_dir, self.dataset)
         for hook in self.hooks:
             if hook.every > 0 and (self.step % hook.every == 0 or final):
-                metrics.update(hook.fn(ctx) or {})
+                try:
+                    metrics.update(hook.fn(ctx) or {})
+                except Exception as err:  # a preview or evaluation must not cost the run its checkpoints
+                    name = getattr(hook.fn, "__qualname__", repr(hook.fn)).replace(".<locals>", "")
+                    self._print(f"warning: {name} failed at step {self.step} ({type(err).__name__}: {err}); "
+                                "training goes on without its output")
         return metrics
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+        self.stop_requested, self.stop_signal = True, signum
         self._print(f"signal {signum}: saving a checkpoint after this step, then stopping")
 
     def run(self) -> dict[str, Any]:
@@ -322,7 +308,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
-            log = MetricsLog(self.run_dir, self.step, cfg.log.tensorboard)
+            log = MetricsLog(self.run_dir, self.step, cfg.log.tensorboard, say=self._print)
+        self.saved_step, self.stop_signal = self.step, 0  # the checkpoint resumed from needs no second save
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.world
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
@@ -334,15 +321,10 @@ class Trainer:
                 bar.update(1)
                 final = self.step == cfg.train.steps
                 metrics: dict[str, float] = {}
-                if self.step % cfg.log.every == 0 or final:
-                    self.check_finite()
-                    metrics = self.stats.read_and_reset()
-                    now = time.perf_counter()
-                    metrics.update(lr=self._lr(), grad_norm=float(self.grad_norm), epoch=self.batches.epoch,
-                                   bad_images=len(self.batches.bad_files),
-                                   img_per_s=images_per_step * (self.step - tick_step) / max(now - tick, 1e-9))
+                if self.step % cfg.log.every == 0 or final:  # the only host syncs: every log.every steps
+                    rate = images_per_step * (self.step - tick_step) / max(time.perf_counter() - tick, 1e-9)
+                    metrics = last = self._read_metrics(rate)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-                    last = metrics
                 metrics.update(self._run_hooks(final))
                 if metrics and log is not None:
                     log.write(self.step, metrics)
@@ -350,7 +332,7 @@ class Trainer:
                     tick, tick_step = time.perf_counter(), self.step  # hooks' time is not training time
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or final:
                     self.save()
-            if self.stop_requested:
+            if self.stop_requested and self.saved_step != self.step:
                 self.save()
             if self.world > 1:
                 self._check_ranks_agree()
@@ -361,7 +343,8 @@ class Trainer:
             self.batches.close()
             if log is not None:
                 log.close()
-        return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir)}
+        stopped = self.stop_signal if self.step < cfg.train.steps else 0
+        return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir), "stopped_by_signal": stopped}
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; verify it once at the end rather than trust it."""

@@ -173,3 +173,15 @@ def test_latent_model_is_decoded_through_the_runs_vae(tmp_path, monkeypatch, cap
     (tmp_path / "lat" / "meta.json").unlink()
     assert sample.main([str(ck), "--num", "5", "--out", str(tmp_path / "m.npz")]) == 1
     assert "meta.json" in capsys.readouterr().err
+
+
+def test_exported_weights_name_their_classes(tmp_path):
+    """ema.safetensors carries the data's class names, so label i can be read as a class by whoever samples."""
+    from minsnr.evaluate.sample import trained_class_names
+    from minsnr.train import train
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.steps=1",
+                       "log.preview_every=0", "log.tensorboard=false", f"run_dir={tmp_path}"])
+    train(cfg)
+    assert trained_class_names(tmp_path / "ema.safetensors") == [str(i) for i in range(10)]

@@ -169,3 +169,17 @@ def test_preview_grid_has_a_row_per_class(tmp_path):
     cell = width // 8  # 8 columns of (8 + 2 padding) px, enlarged to >= 320 px wide
     assert width >= 320 and (tmp_path / "previews" / "step_000000002.png").exists()
     assert abs(height - 10 * cell) <= cell  # 10 rows, one per digit
+
+
+def test_a_failing_hook_is_reported_and_costs_no_checkpoint(tmp_path, capsys):
+    """A preview or evaluation that raises (e.g. a VAE that cannot be downloaded) warns and training goes on
+    to its final checkpoint, instead of ending the run without it."""
+    def broken_preview(ctx):
+        raise OSError("cannot reach the hub")
+
+    out = train(tiny_cfg(tmp_path, "train.steps=4"), (train_mod.Hook(2, broken_preview),))
+    assert out["step"] == 4
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 4
+    err = capsys.readouterr()
+    assert "broken_preview failed at step 2 (OSError: cannot reach the hub)" in err.out + err.err
+    assert "failed at step 4" in err.out + err.err

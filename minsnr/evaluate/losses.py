@@ -90,6 +90,12 @@ def _step(path: Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step", 0))
 
 
+def _run_name(path: Path) -> str:
+    """The run folder a checkpoint lives in (RUN/checkpoints/step_*.pt, or RUN/ema.safetensors)."""
+    folder = path.resolve().parent
+    return folder.parent.name if folder.name == "checkpoints" else folder.name
+
+
 def plot(results: list[dict[str, Any]], bins: list[list[int]], path: Path) -> None:
     import matplotlib
 
@@ -161,7 +167,7 @@ def _losses(a: argparse.Namespace) -> int:
         x, labels = held_out(cfg, a.data, a.split, a.num, a.seed)
         mse = bin_losses(model, cfg, x, labels, bins=a.bins, seed=a.seed, batch_size=a.batch, device=device,
                          desc=Path(ckpt).name)
-        results.append({"path": str(ckpt), "run": Path(cfg.run_dir).name, "step": _step(Path(ckpt)), "mse": mse})
+        results.append({"path": str(ckpt), "run": _run_name(Path(ckpt)), "step": _step(Path(ckpt)), "mse": mse})
         print(f"{ckpt}: " + " ".join(f"{m:.4g}" for m in mse))
     edges = bin_edges(cfg.schedule.num_timesteps, a.bins)
     bins = [[lo, hi] for lo, hi in zip(edges[:-1], edges[1:])]

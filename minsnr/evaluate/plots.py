@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from minsnr.evaluate.util import HelpFormatter, run_verb
+from minsnr.runlog import read_records
 
 
 def read_metric(run_dir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -27,8 +29,7 @@ def read_metric(run_dir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarra
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a run folder?)")
     points: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_records(path, lambda msg: print(msg, file=sys.stderr)):  # a bad line: error naming file, line
         if metric in record:
             points[int(record["step"])] = float(record[metric])
     steps = np.array(sorted(points), dtype=np.float64)
