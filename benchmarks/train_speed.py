@@ -40,13 +40,14 @@ from data import make_latents  # noqa: E402  (benchmarks/data.py)
 
 from minsnr.config import Config, load_config  # noqa: E402
 from minsnr.models import build_model  # noqa: E402
+from minsnr.train import StopTraining  # noqa: E402
 
 WORKLOADS = ("quickstart", "cifar", "vit_b", "vit_xl")
 SMALL = ("quickstart", "cifar")  # the launch-bound ones, run N at once
 RESULTS = ROOT / "benchmarks" / "results" / "train_speed.json"
 
 
-class WindowDone(Exception):
+class WindowDone(StopTraining):
     """Raised by the timing hook to leave the training loop after the timed window."""
 
 

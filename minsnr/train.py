@@ -45,6 +45,11 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or inf loss or gradient."""
 
 
+class StopTraining(Exception):
+    """Raised by a hook to leave the loop at once, without a checkpoint (benchmarks); the caller catches it.
+    Any other exception from a hook is reported and training goes on."""
+
+
 @dataclass
 class HookContext:
     step: int
@@ -292,6 +297,8 @@ class Trainer:
             if hook.every > 0 and (self.step % hook.every == 0 or final):
                 try:
                     metrics.update(hook.fn(ctx) or {})
+                except StopTraining:
+                    raise
                 except Exception as err:  # a preview or evaluation must not cost the run its checkpoints
                     name = getattr(hook.fn, "__qualname__", repr(hook.fn)).replace(".<locals>", "")
                     self._print(f"warning: {name} failed at step {self.step} ({type(err).__name__}: {err}); "
