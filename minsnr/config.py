@@ -141,15 +141,32 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad config key {key!r}: {msg}{hint}")
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel (package data)
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with minsnr, by name: {'quickstart': .../minsnr/configs/quickstart.yaml, ...}."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A YAML file, or the bare name of a packaged config ('quickstart'); an existing file wins."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = packaged_configs()
+    if p.suffix == "" and len(p.parts) == 1 and p.name in packaged:
+        return packaged[p.name]
+    what = "is a folder, not a YAML file" if p.is_dir() else "not found"
+    raise ConfigError(f"config file {p} {what}; give a YAML path or a packaged config name: {', '.join(packaged)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; typed and validated."""
+    """Defaults <- YAML file (a path, or a packaged config's name) <- `key=value` overrides; typed and validated."""
     base = OmegaConf.structured(Config)
     try:
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            base = OmegaConf.merge(base, OmegaConf.load(p))
+            base = OmegaConf.merge(base, OmegaConf.load(resolve_config(path)))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -228,4 +245,4 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-__all__ = ["Config", "ConfigError", "load_config", "validate", "to_dict", "from_dict", "dump_yaml", "DictConfig"]
+__all__ = ["Config", "ConfigError", "load_config", "packaged_configs", "resolve_config", "validate", "to_dict", "from_dict", "dump_yaml", "DictConfig"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch.distributed as dist
 
 from minsnr.checkpoint import CheckpointError
-from minsnr.config import Config, ConfigError, load_config
+from minsnr.config import Config, ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
@@ -63,9 +63,17 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="minsnr train", description="Train a diffusion model.",
                                      epilog="Overrides are dotted keys, e.g. loss.weighting=min_snr train.steps=1000; "
                                             "see README.md for every key.")
-    parser.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    parser.add_argument("config", nargs="?", help="YAML file (configs/quickstart.yaml) or a packaged config's name (quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--list", action="store_true", help="list the packaged configs and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, path in packaged_configs().items():  # each with the first sentence of its header comment
+            header = " ".join(ln.lstrip("# ") for ln in path.read_text().splitlines() if ln.startswith("#"))
+            print(f"{name:<26} {header.split('. ')[0]}")
+        return 0
+    if args.config is None:
+        parser.error("a config is required: a YAML file or a packaged name (minsnr train --list)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
