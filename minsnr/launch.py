@@ -18,6 +18,7 @@ import torch.distributed as dist
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import Config, ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
+from minsnr.extras import MissingExtra, optional
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
 
@@ -46,7 +47,8 @@ def make_preview_hook(cfg: Config) -> Callable[[HookContext], None]:
 
 def build_hooks(cfg: Config) -> tuple[Hook, ...]:
     hooks = []
-    if cfg.log.preview_every > 0:
+    if cfg.log.preview_every > 0 and (cfg.data.source != "latent"
+                                      or optional("diffusers", "no preview grids (they decode latents with the SD-VAE)")):
         hooks.append(Hook(cfg.log.preview_every, make_preview_hook(cfg)))
     if cfg.log.eval_every > 0:
         from minsnr.evaluate.periodic import make_eval_hook
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))
-    except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError, MissingExtra) as err:
         print(f"minsnr train: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     finally:

@@ -23,6 +23,7 @@ from torch import nn
 
 from minsnr.config import Config
 from minsnr.evaluate.util import resolve_device, run_verb
+from minsnr.extras import require
 from minsnr.objective import diffusion_loss
 from minsnr.schedule import make_schedule
 
@@ -141,6 +142,7 @@ def main(argv: list[str]) -> int:
 def _losses(a: argparse.Namespace) -> int:
     from minsnr.checkpoint import load_model
 
+    require("matplotlib", "the figure of minsnr losses")
     device = resolve_device(a.device)
     results = []
     for ckpt in a.checkpoints:

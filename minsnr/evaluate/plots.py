@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from minsnr.evaluate.util import run_verb
+from minsnr.extras import require
 
 
 def read_metric(run_dir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> int:
 
 
 def _plot(a: argparse.Namespace) -> int:
+    require("matplotlib", "minsnr plot")
     result = compare(a.run_dirs, a.metric or pick_metric(a.run_dirs), a.threshold)
     print(table(result))
     out = Path(a.out)
