@@ -24,7 +24,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from minsnr.config import Config, from_dict
-from minsnr.models import create_model
+from minsnr.models import build_model
 
 VERSION = 1
 STEP_FILE = re.compile(r"step_(\d{9})\.pt$")
@@ -122,12 +122,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def build_model(cfg: Config) -> nn.Module:
-    m = cfg.model
-    return create_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                        **m.args)
-
-
 def strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
@@ -136,17 +130,6 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
         more = f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else ""
         raise CheckpointError(f"{what} does not fit the model {type(module).__name__}:\n  "
                               + "\n  ".join(lines[:6]) + more) from None
-
-
-def resolve_model_args(cfg: Config) -> None:
-    """Write the registry preset into cfg.model.args, so the run's config and checkpoints name every
-    architecture argument and stay loadable if a preset changes later."""
-    from minsnr.models import MODELS
-
-    if cfg.model.name not in MODELS:
-        raise CheckpointError(f"unknown model {cfg.model.name!r}; valid names: {', '.join(MODELS)}")
-    preset = {k: list(v) if isinstance(v, tuple) else v for k, v in MODELS[cfg.model.name][1].items()}
-    cfg.model.args = {**preset, **cfg.model.args}
 
 
 def export_safetensors(path: str | Path, weights: dict[str, torch.Tensor], cfg: Config) -> None:
@@ -182,6 +165,6 @@ def load_model(path: str | Path, *, ema: bool = True, map_location: str | torch.
         cfg = from_dict(ckpt["config"])
         key = "ema" if ema and "ema" in ckpt else "model"
         weights = ckpt[key]
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     strict_load(model, weights, f"{p}")
     return model.to(map_location).eval(), cfg

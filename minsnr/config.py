@@ -8,17 +8,27 @@ choices (weighting, target, sampler ...) are checked by `validate`.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from minsnr.registry import did_you_mean
+from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS
+from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, STRATEGIES, TARGETS
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on the CPU
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_tiny"  # registry name, see minsnr.models.MODELS
+    name: str = "vit_tiny"  # a key of minsnr.models.MODELS
     input_size: int = 8  # image (or latent) side length
     in_channels: int = 1
     num_classes: int = 10  # 0: unconditional; otherwise one extra embedding row is the null class
@@ -27,10 +37,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | npz | folder | latent
+    source: str = "digits"  # a key of minsnr.data.SOURCES
     path: Optional[str] = None  # npz file, image folder or latent folder the user supplies
     resolution: Optional[int] = None  # output side length; None keeps the stored size
-    crop: str = "none"  # none | adm (ADM center_crop_arr) | celeba (ScoreSDE: center 140, resize)
+    crop: str = "none"  # a key of minsnr.data.transforms.CROPS
     hflip: bool = True
     conditional: bool = True  # use labels when the data has them
     num_workers: int = 0
@@ -39,15 +49,16 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | linear
+    name: str = "cosine"  # a key of minsnr.schedule.SCHEDULES
     num_timesteps: int = 1000
 
 
 @dataclass
 class LossConfig:
-    target: str = "x0"  # x0 | eps | v
-    weighting: str = "min_snr"  # const | snr | max_snr | min_snr | soft_min_snr
-    gamma: Optional[float] = None  # None: the strategy's default (min_snr 5, max_snr 1)
+    target: str = DEFAULT_TARGET  # one of minsnr.weighting.TARGETS
+    weighting: str = DEFAULT_WEIGHTING  # a key of minsnr.weighting.STRATEGIES
+    gamma: Optional[float] = None  # None: the strategy's default gamma in STRATEGIES
+    timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
 
 
@@ -72,10 +83,10 @@ class TrainConfig:
     batch_size: int = 128  # per rank and micro-step; global = batch_size * ranks * grad_accum
     steps: int = 500_000
     grad_accum: int = 1
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # one of PRECISIONS
     compile: bool = False
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # one of DEVICES
     threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default
     pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
 
@@ -98,10 +109,12 @@ class CheckpointConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "heun"  # heun | euler | ddim
+    sampler: str = "heun"  # a key of minsnr.sampling.SAMPLERS
     steps: int = 30
     cfg_scale: float = 1.0
-    sigma_max: Optional[float] = None  # None: the schedule's sigma at t = T-1; EDM uses 80
+    # VE sigma where sampling starts; None: the schedule's largest (sigma_ve_max, 20,291 for cosine),
+    # a larger value is capped there with a warning; EDM uses 80
+    sigma_max: Optional[float] = None
 
 
 @dataclass
@@ -133,12 +146,15 @@ def _valid_keys(path: str) -> list[str]:
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """An unknown key names the section's valid keys; a bad value names the key and the expected type."""
     key = getattr(err, "full_key", None) or ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     msg = str(err).splitlines()[0]
-    valid = _valid_keys(parent)
-    hint = f"; valid keys in {parent or 'the top level'}: {', '.join(valid)}" if valid else ""
-    return ConfigError(f"{source}: bad config key {key!r}: {msg}{hint}")
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        valid = _valid_keys(parent)
+        hint = f"; valid keys in {parent or 'the top level'}: {', '.join(valid)}" if valid else ""
+        return ConfigError(f"{source}: unknown config key {key!r}{did_you_mean(key.rsplit('.', 1)[-1], valid)}{hint}")
+    return ConfigError(f"{source}: bad value for {key!r}: {msg}")
 
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel (package data)
@@ -150,8 +166,8 @@ def packaged_configs() -> dict[str, Path]:
 
 
 def resolve_config(path: str | Path) -> Path:
-    """A YAML file, or the bare name of a packaged config ('quickstart'); an existing file wins."""
-    p = Path(path)
+    """A YAML file (`~` expanded), or the bare name of a packaged config ('quickstart'); an existing file wins."""
+    p = Path(path).expanduser()
     if p.is_file():
         return p
     packaged = packaged_configs()
@@ -162,28 +178,55 @@ def resolve_config(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (a path, or a packaged config's name) <- `key=value` overrides; typed and validated."""
+    """Defaults <- YAML file (a path, or a packaged config's name) <- `key=value` overrides; typed and validated,
+    `~` expanded in paths, and model.args completed with the model's preset (see `with_model_args`)."""
     base = OmegaConf.structured(Config)
-    try:
-        if path is not None:
-            base = OmegaConf.merge(base, OmegaConf.load(resolve_config(path)))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
+    if path is not None:
+        p = resolve_config(path)
+        try:
+            base = OmegaConf.merge(base, OmegaConf.load(p))
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(p)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
             override = OmegaConf.from_dotlist([item])
-            if item.startswith("model.name=") and override.model.name != base.model.name:
+            if item.startswith("model.name=") and override.model.name != base.model.name and base.model.args:
+                log.warning("model.name=%s: dropping the config file's arguments for %s: %s", override.model.name,
+                            base.model.name, dict(base.model.args))
                 base.model.args = {}  # the file's architecture arguments belong to its own model
             base = OmegaConf.merge(base, override)
-    except OmegaConfBaseException as err:
-        raise _explain(err, str(path or "overrides")) from None
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"command-line override {item!r}") from None
     cfg: Config = OmegaConf.to_object(base)  # type: ignore[assignment]
+    cfg = _expand_paths(cfg)
     validate(cfg)
-    return cfg
+    return with_model_args(cfg)
 
 
-def _choice(name: str, value: object, valid: tuple[object, ...]) -> None:
+def _expand_paths(cfg: Config) -> Config:
+    """`~` in the path-valued keys the user gives (run_dir, resume, data.path, log.eval_classifier)."""
+    def home(value: Optional[str]) -> Optional[str]:
+        return os.path.expanduser(value) if value else value
+
+    return dataclasses.replace(cfg, run_dir=home(cfg.run_dir), resume=home(cfg.resume),  # type: ignore[arg-type]
+                               data=dataclasses.replace(cfg.data, path=home(cfg.data.path)),
+                               log=dataclasses.replace(cfg.log, eval_classifier=home(cfg.log.eval_classifier)))
+
+
+def with_model_args(cfg: Config) -> Config:
+    """A copy of cfg whose model.args name every architecture argument (the preset's, then the user's),
+    so the run's config and checkpoints stay loadable if a preset changes later."""
+    from minsnr.models import resolved_args
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args=resolved_args(cfg.model.name, cfg.model.args)))
+
+
+def _choice(name: str, value: object, valid: Mapping[str, Any] | tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+        raise ConfigError(f"{name}={value!r} is not valid{did_you_mean(value, valid)}; "
+                          f"choose one of: {', '.join(map(str, valid))}")
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -191,17 +234,23 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def validate(cfg: Config) -> None:
-    from minsnr.weighting import STRATEGIES, TARGETS
+def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
+    """Every config key with a fixed set of valid values -> that set (the registries themselves)."""
+    from minsnr.data import SOURCES
+    from minsnr.data.transforms import CROPS
+    from minsnr.models import MODELS
+    from minsnr.sampling import SAMPLERS
+    from minsnr.schedule import SCHEDULES
 
-    _choice("loss.target", cfg.loss.target, TARGETS)
-    _choice("loss.weighting", cfg.loss.weighting, tuple(STRATEGIES))
-    _choice("schedule.name", cfg.schedule.name, ("cosine", "linear"))
-    _choice("data.source", cfg.data.source, ("digits", "npz", "folder", "latent"))
-    _choice("data.crop", cfg.data.crop, ("none", "adm", "celeba"))
-    _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
-    _choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
-    _choice("sample.sampler", cfg.sample.sampler, ("heun", "euler", "ddim"))
+    return {"model.name": MODELS, "data.source": SOURCES, "data.crop": CROPS, "schedule.name": SCHEDULES,
+            "loss.target": TARGETS, "loss.weighting": STRATEGIES, "loss.timesteps": TIMESTEPS,
+            "train.precision": PRECISIONS, "train.device": DEVICES, "sample.sampler": SAMPLERS}
+
+
+def validate(cfg: Config) -> None:
+    for key, valid in choices().items():
+        section, name = key.split(".")
+        _choice(key, getattr(getattr(cfg, section), name), valid)
     if cfg.sample.sigma_max is not None:
         _positive("sample.sigma_max", cfg.sample.sigma_max)
     if cfg.loss.gamma is not None:
@@ -245,4 +294,33 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-__all__ = ["Config", "ConfigError", "load_config", "packaged_configs", "resolve_config", "validate", "to_dict", "from_dict", "dump_yaml", "DictConfig"]
+
+
+CHOICES_START, CHOICES_END = "<!-- choices: generated by `python -m minsnr.config README.md` -->", "<!-- /choices -->"
+
+
+def choices_table() -> str:
+    """The README's table of valid values, built from the registries (so no name list is written twice)."""
+    rows = ["| key | valid values |", "|---|---|"]
+    rows += [f"| `{key}` | {', '.join(f'`{v}`' for v in valid)} |" for key, valid in choices().items()]
+    return "\n".join(rows)
+
+
+def update_readme(path: str | Path) -> bool:
+    """Rewrite the block between CHOICES_START and CHOICES_END in `path`; True if it changed."""
+    text = Path(path).read_text()
+    head, rest = text.split(CHOICES_START, 1)
+    _, tail = rest.split(CHOICES_END, 1)
+    new = f"{head}{CHOICES_START}\n{choices_table()}\n{CHOICES_END}{tail}"
+    if new != text:
+        Path(path).write_text(new)
+    return new != text
+
+
+__all__ = ["Config", "ConfigError", "load_config", "packaged_configs", "resolve_config", "validate", "with_model_args",
+           "choices", "choices_table", "to_dict", "from_dict", "dump_yaml", "DictConfig"]
+
+if __name__ == "__main__":
+    import sys
+
+    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")

@@ -5,7 +5,6 @@ The hooks live in higher layers (evaluate, pareto), so they are assembled here a
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import Config, ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
+from minsnr.evaluate.util import HelpFormatter, log_through_progress_bars
 from minsnr.extras import MissingExtra, optional
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
@@ -46,10 +46,11 @@ def make_preview_hook(cfg: Config) -> Callable[[HookContext], None]:
 
 
 def build_hooks(cfg: Config) -> tuple[Hook, ...]:
+    """The periodic work of `minsnr train`. log.preview_every=0 turns off the periodic previews but not the
+    final samples.png: a hook due every train.steps steps runs once, after the last step."""
     hooks = []
-    if cfg.log.preview_every > 0 and (cfg.data.source != "latent"
-                                      or optional("diffusers", "no preview grids (they decode latents with the SD-VAE)")):
-        hooks.append(Hook(cfg.log.preview_every, make_preview_hook(cfg)))
+    if cfg.data.source != "latent" or optional("diffusers", "no previews or samples.png (they decode latents with the SD-VAE)"):
+        hooks.append(Hook(cfg.log.preview_every or cfg.train.steps, make_preview_hook(cfg)))
     if cfg.log.eval_every > 0:
         from minsnr.evaluate.periodic import make_eval_hook
 
@@ -62,7 +63,7 @@ def build_hooks(cfg: Config) -> tuple[Hook, ...]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="minsnr train", description="Train a diffusion model.",
+    parser = argparse.ArgumentParser(prog="minsnr train", description="Train a diffusion model.", formatter_class=HelpFormatter,
                                      epilog="Overrides are dotted keys, e.g. loss.weighting=min_snr train.steps=1000; "
                                             "see README.md for every key.")
     parser.add_argument("config", nargs="?", help="YAML file (configs/quickstart.yaml) or a packaged config's name (quickstart)")
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.config is None:
         parser.error("a config is required: a YAML file or a packaged name (minsnr train --list)")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_through_progress_bars()  # a skipped-file warning on its own line, not glued to the progress bar
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))

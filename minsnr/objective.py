@@ -8,21 +8,15 @@ implement that algebra. alpha and sigma broadcast against x, e.g. shape [B, 1, 1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from minsnr.schedule import Schedule
-from minsnr.weighting import TARGETS, Strategy, loss_weight
-
-TimestepSampler = Callable[[int, int, torch.device, Optional[torch.Generator]], Tensor]
-
-
-def uniform_timesteps(batch: int, num_timesteps: int, device: torch.device,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """t ~ U{0, ..., T-1}, the paper's sampling of tasks."""
-    return torch.randint(0, num_timesteps, (batch,), device=device, generator=generator)
+from minsnr.registry import lookup
+from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, Distribution, Timesteps, make_timesteps
+from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, Strategy, loss_weight
 
 
 def _check_target(target: str) -> None:
@@ -31,11 +25,12 @@ def _check_target(target: str) -> None:
 
 
 def q_sample(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Eq. 2: x_t = alpha_t x0 + sigma_t eps."""
+    """Eq. 2: x_t = alpha_t x0 + sigma_t eps. x0, eps [B, ...]; alpha, sigma broadcast ([B, 1, ...])."""
     return alpha * x0 + sigma * eps
 
 
 def make_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    """The regression target of appendix B: x0, eps, or v = alpha eps - sigma x0; shapes as q_sample."""
     _check_target(target)
     if target == "x0":
         return x0
@@ -45,6 +40,7 @@ def make_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, target: s
 
 
 def predict_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    """The x0 estimate implied by a prediction `pred` of `target` at x_t (exact algebra, any float dtype)."""
     _check_target(target)
     if target == "x0":
         return pred
@@ -54,6 +50,7 @@ def predict_x0(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: 
 
 
 def predict_eps(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -> Tensor:
+    """The eps estimate implied by a prediction `pred` of `target` at x_t."""
     _check_target(target)
     if target == "x0":
         return (x_t - alpha * pred) / sigma
@@ -73,6 +70,7 @@ def drop_labels(labels: Tensor, p: float, null_label: int, uniform: Tensor | Non
                 generator: torch.Generator | None = None) -> Tensor:
     """Classifier-free guidance training: replace each label by the null class with probability p.
 
+    labels: long [B]; null_label: the extra class index (= num_classes); returns long [B].
     `uniform` (U[0, 1) draws, one per label) may be given so that the choice is reproducible across ranks.
     """
     if p <= 0:
@@ -90,25 +88,34 @@ class LossOutput:
     weight: Tensor  # [B] weight applied in the target's space
 
 
+def _reweights(timesteps: str | Distribution) -> bool:
+    return (lookup(TIMESTEPS, timesteps, "loss.timesteps") if isinstance(timesteps, str) else timesteps).same_objective
+
+
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels: Tensor | None,
-                   schedule: Schedule, *, target: str = "x0", weighting: Strategy = "min_snr",
+                   schedule: Schedule, *, target: str = DEFAULT_TARGET, weighting: Strategy = DEFAULT_WEIGHTING,
                    gamma: float | None = None, t: Tensor | None = None, noise: Tensor | None = None,
-                   timestep_sampler: TimestepSampler = uniform_timesteps,
+                   timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
                    generator: torch.Generator | None = None) -> LossOutput:
     """Weighted denoising loss (eq. 4-5 with the weight of section 3.4); `model(x_t, t, labels)` predicts `target`.
 
-    x0: float [B, ...] clean data; labels: long [B] or None; t: long [B] timesteps in [0, T) (drawn by
-    `timestep_sampler` when None); noise: like x0 (drawn when None). The model receives the integer
-    timesteps t (int64 [B]) as they index the schedule, so an `nn.Embedding` of t works; samplers pass
-    fractional float t instead (see `sampling.VPDenoiser`).
+    x0: float [B, ...] clean data; labels: long [B] or None; noise: like x0 (drawn when None);
+    t: long [B] timesteps in [0, T), drawn from `timesteps` when None. `timesteps` is a key of
+    minsnr.timesteps.TIMESTEPS, a Distribution, or a `Timesteps` the caller built once (the trainer does);
+    with importance sampling the weight is divided by T p(t) (minsnr.timesteps), also for a given t.
+    The model receives the integer timesteps t (int64 [B]) as they index the schedule, so an
+    `nn.Embedding` of t works; samplers pass fractional float t instead (see `sampling.VPDenoiser`).
     """
     _check_target(target)
+    ts = timesteps if isinstance(timesteps, Timesteps) else None
+    if ts is None and (t is None or _reweights(timesteps)):  # type: ignore[arg-type]
+        ts = make_timesteps(timesteps, schedule, weighting, gamma, target)  # type: ignore[arg-type]
     if t is None:
-        t = timestep_sampler(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+        t = ts.draw(x0.shape[0], generator)  # type: ignore[union-attr]
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
@@ -117,6 +124,8 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
     dims = tuple(range(1, x0.dim()))
     mse = (pred - make_target(x0, noise, alpha, sigma, target)).square().mean(dim=dims)
     weight = loss_weight(schedule.snr(t), weighting, gamma, target).to(mse.dtype)
+    if ts is not None:
+        weight = weight * ts.correction[t]
     with torch.no_grad():
         mse_x0 = (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=dims)
     return LossOutput(loss=(weight * mse).mean(), t=t, mse_x0=mse_x0, weight=weight)

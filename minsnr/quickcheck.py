@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from minsnr.checkpoint import load_model
 from minsnr.evaluate.classifier import accuracy, classify, load_labelled, train_classifier
 from minsnr.evaluate.grid import save_grid
 from minsnr.evaluate.sample import sample_images
+from minsnr.evaluate.util import HelpFormatter
 
 
 def check(checkpoint: str | Path, per_class: int = 50, seed: int = 0, classifier_epochs: int = 8) -> dict[str, Any]:
@@ -38,13 +40,12 @@ def check(checkpoint: str | Path, per_class: int = 50, seed: int = 0, classifier
             "images": images, "per_class_n": per_class}
 
 
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minsnr.quickcheck", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", default="runs/quickstart")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="python -m minsnr.quickcheck", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("run_dir", nargs="?", default="runs/quickstart", type=os.path.expanduser,
+                   help="run folder of a class-conditional digits model")
+    p.add_argument("--per-class", type=int, default=50, help="samples of each digit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier and the noise")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     try:

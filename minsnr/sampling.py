@@ -9,6 +9,7 @@ host), so no step synchronises the device.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Optional
 
@@ -17,10 +18,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from minsnr.objective import predict_x0
+from minsnr.registry import lookup
 from minsnr.schedule import Schedule
 
+log = logging.getLogger(__name__)
 Denoiser = Callable[..., Tensor]
-SAMPLERS = ("heun", "euler", "ddim")
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -93,7 +95,8 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[di
     return x
 
 
-SAMPLER_FNS: dict[str, Callable[..., Tensor]] = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim}
+# name -> sampler with the module docstring's signature; `sample.sampler` and `minsnr sample --sampler` choose one.
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim}
 
 
 class VPDenoiser:
@@ -102,24 +105,33 @@ class VPDenoiser:
     x = x0 + sigma n is the VP state scaled by 1/alpha: alpha = (1 + sigma^2)^-1/2, sigma_vp = sigma alpha,
     x_vp = alpha x, t = schedule.t_from_sigma(sigma) (fractional); the prediction is converted to x0
     with the same alpha and sigma_vp (appendix B algebra), so eps, x0 and v models are all exact.
+
+    The model is called with fractional float t [B] (it sees sigmas between the integer timesteps it
+    was trained on); round_timesteps=True rounds t to the nearest integer and passes int64, for models
+    that embed t with a table (nn.Embedding).
     """
 
-    def __init__(self, model: nn.Module | Callable[..., Tensor], schedule: Schedule, target: str):
-        self.model, self.schedule, self.target = model, schedule, target
+    def __init__(self, model: nn.Module | Callable[..., Tensor], schedule: Schedule, target: str,
+                 round_timesteps: bool = False):
+        self.model, self.schedule, self.target, self.round = model, schedule, target, round_timesteps
 
     def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x [B, ...] in the VE view, sigma [B] -> x0 estimate like x."""
         sig = sigma.to(torch.float64)
         alpha = (1 + sig.square()).rsqrt()
         view = (-1,) + (1,) * (x.dim() - 1)
         a, s_vp = alpha.to(x.dtype).view(view), (sig * alpha).to(x.dtype).view(view)
         x_vp = x * a
-        t = self.schedule.t_from_sigma(sig).to(x.device, x.dtype)
+        t = self.schedule.t_from_sigma(sig).to(x.device)
+        t = t.round().long() if self.round else t.to(x.dtype)
         pred = self.model(x_vp, t, labels).to(x.dtype)
         return predict_x0(pred, x_vp, a, s_vp, self.target)
 
 
 class CFGDenoiser:
-    """Classifier-free guidance: D = D(x, null) + scale (D(x, c) - D(x, null)), one batched call."""
+    """Classifier-free guidance: D = D(x, null) + scale (D(x, c) - D(x, null)), one batched call of 2B.
+
+    labels: long [B]; null_label: the extra embedding row (= num_classes) trained by label dropout."""
 
     def __init__(self, denoiser: Denoiser, scale: float, null_label: int):
         self.denoiser, self.scale, self.null_label = denoiser, scale, null_label
@@ -134,18 +146,35 @@ class CFGDenoiser:
 def generate(model: nn.Module, schedule: Schedule, target: str, labels: Tensor | None, *,
              shape: tuple[int, ...], sampler: str = "heun", steps: int = 30, cfg_scale: float = 1.0,
              num_classes: int = 0, generator: torch.Generator | None = None, sigma_max: float | None = None,
-             device: torch.device | str | None = None, progress: bool = False) -> Tensor:
-    """shape[0] samples in model space (pixels in [-1, 1] or scaled latents) on Karras sigmas from
-    `sigma_max` (default and upper bound: the schedule's) down to the schedule's sigma_min."""
-    if sampler not in SAMPLER_FNS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid names: {', '.join(SAMPLERS)}")
+             device: torch.device | str | None = None, progress: bool = False,
+             round_timesteps: bool = False) -> Tensor:
+    """shape[0] samples in model space (pixels in [-1, 1] or scaled latents), float32 [N, ...] on `device`.
+
+    Karras sigmas (rho 7) run from `sigma_max` down to the schedule's sigma_ve_min. `sigma_max` None
+    starts at the schedule's sigma_ve_max; a larger value is capped there (with a warning, once), as
+    the model never saw a noisier input. labels: long [N] or None (unconditional / null class).
+    """
+    run = lookup(SAMPLERS, sampler, "sampler")
     device = device or next(model.parameters()).device
     schedule = schedule.to(device)
-    top = schedule.sigma_max if sigma_max is None else min(sigma_max, schedule.sigma_max)
-    sigmas = karras_sigmas(steps, schedule.sigma_min, top)
+    top = schedule.sigma_ve_max
+    if sigma_max is not None and sigma_max > top:
+        _warn_once(f"sample.sigma_max={sigma_max:g} is above the schedule's largest sigma {top:.6g}; starting there")
+    elif sigma_max is not None:
+        top = sigma_max
+    sigmas = karras_sigmas(steps, schedule.sigma_ve_min, top)
     x = torch.randn(shape, generator=generator, device=device) * sigmas[0].item()
-    denoiser: Denoiser = VPDenoiser(model, schedule, target)
+    denoiser: Denoiser = VPDenoiser(model, schedule, target, round_timesteps)
     if num_classes > 0 and labels is not None and cfg_scale != 1.0:
         denoiser = CFGDenoiser(denoiser, cfg_scale, null_label=num_classes)
     cond = {"labels": labels}
-    return SAMPLER_FNS[sampler](denoiser, x, sigmas, cond=cond, progress=progress)
+    return run(denoiser, x, sigmas, cond=cond, progress=progress)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-SCHEDULES = ("cosine", "linear")
+from minsnr.registry import lookup
 
 
 def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -36,6 +37,9 @@ def linear_alphas_cumprod(num_timesteps: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Schedule:
+    """alpha-bar_t for t = 0..T-1 and what derives from it. Index methods take long t [B] (any shape)
+    and return float64 of the same shape; `sigma_ve` and `t_from_sigma` also take fractional t / sigma."""
+
     alphas_cumprod: Tensor  # float64 [T], strictly decreasing in t
 
     @property
@@ -62,11 +66,13 @@ class Schedule:
         return 0.5 * (torch.log1p(-a) - torch.log(a))
 
     @property
-    def sigma_min(self) -> float:
+    def sigma_ve_min(self) -> float:
+        """The smallest VE sigma, at t = 0 (where samplers stop before the final step to 0)."""
         return math.exp(self.log_sigmas[0].item())
 
     @property
-    def sigma_max(self) -> float:
+    def sigma_ve_max(self) -> float:
+        """The largest VE sigma, at t = T-1 (20,291 for cosine, T = 1000): no sampler can start above it."""
         return math.exp(self.log_sigmas[-1].item())
 
     def sigma_ve(self, t: Tensor) -> Tensor:
@@ -89,9 +95,10 @@ class Schedule:
         return low + w
 
 
+# name -> alphas_cumprod(T); `schedule.name` chooses one.
+SCHEDULES: dict[str, Callable[[int], Tensor]] = {"cosine": cosine_alphas_cumprod, "linear": linear_alphas_cumprod}
+
+
 def make_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
-    if name == "cosine":
-        return Schedule(cosine_alphas_cumprod(num_timesteps))
-    if name == "linear":
-        return Schedule(linear_alphas_cumprod(num_timesteps))
-    raise ValueError(f"unknown schedule {name!r}; valid names: {', '.join(SCHEDULES)}")
+    """The named schedule (a key of SCHEDULES) with T = num_timesteps discrete steps."""
+    return Schedule(lookup(SCHEDULES, name, "schedule.name")(num_timesteps))

@@ -1,5 +1,7 @@
 """The training loop: AdamW with warm-up, EMA, bf16, compile, DDP, exact resume (section 4.1).
 
+Each step minimises the weighted denoising loss of eq. 5 with the weight of section 3.4 (`objective`),
+over timesteps drawn from the configured distribution (uniform over {0..T-1} by default, as the paper).
 One optimiser step consumes train.grad_accum micro-batches of train.batch_size per rank. The step's
 timesteps, noise and label-dropout draws come from a generator seeded by (seed, step, micro-step) and
 are drawn for the global batch, each rank taking its interleaved share (the data shards the same
@@ -11,8 +13,6 @@ read every log.every steps.
 from __future__ import annotations
 
 import contextlib
-import copy
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -22,15 +22,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from minsnr import checkpoint as ck
-from minsnr.config import Config, ConfigError, dump_yaml, to_dict
+from minsnr.config import Config, ConfigError, dump_yaml, to_dict, with_model_args
 from minsnr.data import Batches, build_dataset
+from minsnr.distributed import setup
+from minsnr.ema import ema_copy, ema_decay, update_ema
+from minsnr.models import build_model
 from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
+from minsnr.timesteps import make_timesteps
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,27 +61,14 @@ class Hook:
     fn: Callable[[HookContext], Optional[dict[str, float]]]
 
 
-def setup_distributed(device_opt: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) for "auto", "cpu", "cuda" or "cuda:N"; torchrun's environment turns on
-    DDP (NCCL on GPUs, gloo on CPU) and gives each rank the GPU of its LOCAL_RANK."""
-    want = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device_opt == "auto" else torch.device(device_opt)
-    if want.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device_opt} asked for, but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if want.type == "cuda":
-        want = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if world > 1 else (want.index or 0))
-        torch.cuda.set_device(want)
-    return rank, world, want
-
-
 def step_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def check_data_fits(cfg: Config, dataset: Any) -> None:
+    """The model must take the data's image shape and have exactly one class row per data class (or none).
+    More rows than classes is refused, not warned about: nothing in minsnr trains the extra rows (a resumed
+    run keeps its data), yet sampling and evaluation would draw labels from them."""
     m = cfg.model
     want = (m.in_channels, m.input_size, m.input_size)
     if tuple(dataset.shape) != want:
@@ -85,50 +76,68 @@ def check_data_fits(cfg: Config, dataset: Any) -> None:
                           f"set model.in_channels/model.input_size (or data.resolution)")
     if m.num_classes > 0 and dataset.num_classes == 0:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has no labels; set model.num_classes=0")
-    if dataset.num_classes > m.num_classes > 0:
-        raise ConfigError(f"data has {dataset.num_classes} classes but model.num_classes={m.num_classes}")
+    if m.num_classes > 0 and dataset.num_classes != m.num_classes:
+        names = ", ".join(dataset.class_names[:10]) + (" ..." if len(dataset.class_names) > 10 else "")
+        unused = (f"; {m.num_classes - dataset.num_classes} class rows would never be trained, yet sampling would draw "
+                  "them" if m.num_classes > dataset.num_classes else "")
+        raise ConfigError(f"data has {dataset.num_classes} classes ({names}) but model.num_classes={m.num_classes}"
+                          f"{unused}; set model.num_classes={dataset.num_classes}")
 
 
 class Trainer:
+    """`Trainer(cfg, hooks).run()`: builds data, model, EMA and AdamW from cfg, resumes, then loops
+    `train_step` with logging, hooks and checkpoints until train.steps."""
+
     def __init__(self, cfg: Config, hooks: tuple[Hook, ...] = ()):
-        self.cfg, self.hooks = cfg, hooks
-        self.rank, self.world, self.device = setup_distributed(cfg.train.device)
-        prec = cfg.train.precision
-        self.bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
+        self.cfg = cfg = with_model_args(cfg)
+        self.hooks = hooks
+        d = setup(cfg.train.device)
+        self.rank, self.world, self.device = d.rank, d.world, d.device
+        self._configure_backend()
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-
-        ck.resolve_model_args(cfg)
         self.dataset = build_dataset(cfg.data)
         check_data_fits(cfg, self.dataset)
         self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
-        self.model = ck.build_model(cfg).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        loss = cfg.loss  # the distribution of t (uniform in the paper) and its weight correction, built once
+        self.timesteps = make_timesteps(loss.timesteps, self.schedule, loss.weighting, loss.gamma, loss.target)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
+        self.model = build_model(cfg.model).to(self.device)
+        self.ema = ema_copy(self.model)
         torch.manual_seed(cfg.train.seed + self.rank)  # each rank its own stream for dropout
-        cuda = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),  # type: ignore[arg-type]
-                                     eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-                                     fused=cuda, foreach=not cuda)
+        self.opt = self._optimizer()
         self.batches = Batches(self.dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=self.rank,
                                world_size=self.world, num_workers=cfg.data.num_workers,
                                pin_memory=self.device.type == "cuda")
         self.step = 0
         self._resume()
-        net: nn.Module = self.model
-        if self.world > 1:
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.ddp = net
-        self.net = torch.compile(net) if cfg.train.compile else net
-        self.gen = torch.Generator(device=self.device)
+        self.ddp = self._wrap_ddp(self.model)
+        self.net = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.gen = torch.Generator(device=self.device)  # reseeded from (seed, step, micro) every micro-step
         self.stats = BinStats(cfg.schedule.num_timesteps, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.stop_requested = False
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _configure_backend(self) -> None:
+        prec = self.cfg.train.precision
+        self.bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.cfg.train.threads > 0:
+            torch.set_num_threads(self.cfg.train.threads)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW (section 4.1), fused on CUDA, foreach on the CPU."""
+        o, cuda = self.cfg.optim, self.device.type == "cuda"
+        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),  # type: ignore[arg-type]
+                                 eps=o.eps, weight_decay=o.weight_decay, fused=cuda, foreach=not cuda)
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- resume -------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -178,25 +187,19 @@ class Trainer:
         return self.cfg.optim.lr * min(1.0, (self.step + 1) / warm) if warm > 0 else self.cfg.optim.lr
 
     def train_step(self) -> None:
+        """One optimiser step: grad_accum micro-batches of the weighted loss (eq. 5, weight of section
+        3.4), gradient clipping, AdamW, then the EMA update. No host sync."""
         cfg, accum = self.cfg, self.cfg.train.grad_accum
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         for micro in range(accum):
-            x, labels = next(self.batches)
-            x = x.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            n, world, rank = x.shape[0], self.world, self.rank
-            self.gen.manual_seed(step_seed(cfg.train.seed, self.step, micro))
-            t = torch.randint(0, self.schedule.num_timesteps, (n * world,), device=self.device, generator=self.gen)[rank::world]
-            noise = torch.randn((n * world, *x.shape[1:]), device=self.device, generator=self.gen)[rank::world]
-            u = torch.rand(n * world, device=self.device, generator=self.gen)[rank::world]
-            y = None
-            if cfg.model.num_classes > 0:
-                y = drop_labels(labels, cfg.loss.label_dropout, cfg.model.num_classes, uniform=u)
-            sync = self.ddp.no_sync() if (world > 1 and micro < accum - 1) else contextlib.nullcontext()  # type: ignore[operator]
+            x, y, t, noise = self._micro_batch(micro)
+            last = micro == accum - 1
+            sync = self.ddp.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()  # type: ignore[operator]
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 out = diffusion_loss(self.net, x, y, self.schedule, target=cfg.loss.target,
-                                     weighting=cfg.loss.weighting, gamma=cfg.loss.gamma, t=t, noise=noise)
+                                     weighting=cfg.loss.weighting, gamma=cfg.loss.gamma, t=t, noise=noise,
+                                     timesteps=self.timesteps)
                 (out.loss / accum).backward()
             self.stats.add(out.t, out.mse_x0, out.loss)
             self._flag_nonfinite(out.loss)
@@ -206,21 +209,26 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self._update_ema()
+        update_ema(self.ema, self.model, ema_decay(cfg.ema.decay, cfg.ema.warmup, self.step))
+
+    def _micro_batch(self, micro: int) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+        """(x0, labels after dropout or None, t, noise) of this rank. The randomness is drawn for the
+        global batch from a generator seeded by (seed, step, micro) and each rank keeps its interleaved
+        share, as the data does: any number of ranks, and a resumed run, see the same numbers."""
+        cfg, rank, world = self.cfg, self.rank, self.world
+        x, labels = next(self.batches)
+        x, labels = x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        n = x.shape[0] * world
+        self.gen.manual_seed(step_seed(cfg.train.seed, self.step, micro))
+        t = self.timesteps.draw(n, self.gen)[rank::world]
+        noise = torch.randn((n, *x.shape[1:]), device=self.device, generator=self.gen)[rank::world]
+        u = torch.rand(n, device=self.device, generator=self.gen)[rank::world]
+        y = drop_labels(labels, cfg.loss.label_dropout, cfg.model.num_classes, uniform=u) if cfg.model.num_classes > 0 else None
+        return x, y, t, noise
 
     def _flag_nonfinite(self, value: torch.Tensor) -> None:
         bad = ~torch.isfinite(value.detach()) & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step + 1), self.first_bad)
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.cfg.ema.decay
-        if self.cfg.ema.warmup:
-            decay = min(decay, (1 + self.step) / (10 + self.step))
-        ema_p, p = list(self.ema.parameters()), list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
-        for eb, b in zip(self.ema.buffers(), self.model.buffers()):
-            eb.copy_(b)
 
     def check_finite(self) -> None:
         """Host sync: stop if any step since the last check saw a NaN/inf loss or gradient."""

@@ -28,11 +28,14 @@ from torch import Tensor
 
 SNR_FLOOR = 1e-10
 SNR_CEIL = 1e10
-TARGETS = ("x0", "eps", "v")
+TARGETS = ("x0", "eps", "v")  # the prediction targets of appendix B
+DEFAULT_TARGET = "x0"  # the paper's default (section 4.1)
+DEFAULT_WEIGHTING = "min_snr"  # with STRATEGIES' default gamma, 5
 
 WeightFn = Callable[[Tensor], Tensor]
 Strategy = Union[str, WeightFn]
 
+# name -> (x0-space weight(snr, gamma), default gamma or None when gamma is unused); `loss.weighting`.
 STRATEGIES: dict[str, tuple[Callable[[Tensor, float], Tensor], float | None]] = {
     "const": (lambda snr, g: torch.ones_like(snr), None),
     "snr": (lambda snr, g: snr, None),
@@ -60,12 +63,15 @@ def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None) -> Tensor:
 
 
 def x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None) -> Tensor:
-    """The strategy's weight on the x0-space MSE (section 3.4)."""
+    """The strategy's weight on the x0-space MSE (section 3.4): float32 (float64 for float64 snr), like snr."""
     return _x0_weight(_prepare(snr), strategy, gamma)
 
 
 def loss_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, target: str = "x0") -> Tensor:
-    """Weight multiplying the MSE measured in `target`'s own space (appendix B conversion)."""
+    """Weight multiplying the MSE measured in `target`'s own space (appendix B conversion).
+
+    snr: SNR(t) of any shape and float dtype; returns float32 (float64 for float64 snr) of that shape,
+    finite for every snr in [0, inf]. gamma None takes the strategy's default from STRATEGIES."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
     s = _prepare(snr)

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minsnr.checkpoint import build_model
-from minsnr.config import PACKAGED_CONFIGS, ConfigError, load_config, packaged_configs, resolve_config
+from minsnr.models import build_model
+from minsnr.config import (CHOICES_END, CHOICES_START, PACKAGED_CONFIGS, Config, ConfigError, choices_table, load_config,
+                           packaged_configs, resolve_config, with_model_args)
 from minsnr.launch import main as train_main
+from minsnr.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "minsnr" / "configs").glob("*.yaml"))
@@ -31,7 +33,7 @@ def test_all_paper_configs_are_shipped():
 def test_config_loads_and_builds(path):
     cfg = load_config(path)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg.model)
     x = torch.empty(2, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size, device="meta")
     assert model(x, torch.zeros(2, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")).shape == x.shape
     want = PAPER.get(path.stem)
@@ -56,11 +58,51 @@ def test_override_types_are_checked():
         load_config(CONFIGS[0], ["train.steps"])
 
 
-def test_switching_model_drops_the_files_architecture_args():
+def test_switching_model_drops_the_files_architecture_args(caplog):
     quickstart = [p for p in CONFIGS if p.stem == "quickstart"][0]
     cfg = load_config(quickstart, ["model.name=unet_tiny", "model.args.dropout=0.1"])
-    assert cfg.model.args == {"dropout": 0.1}
+    preset = {k: list(v) if isinstance(v, tuple) else v for k, v in MODELS["unet_tiny"][1].items()}
+    assert cfg.model.args == {**preset, "dropout": 0.1}  # the new model's preset, completed; nothing of the ViT's
+    assert "dropping the config file's arguments for vit_tiny" in caplog.text and "'width': 64" in caplog.text
+    caplog.clear()
     assert load_config(quickstart, ["model.name=vit_tiny"]).model.args["width"] == 64  # same model: kept
+    assert "dropping" not in caplog.text
+
+
+def test_bad_values_are_blamed_on_their_source(tmp_path):
+    quickstart = [p for p in CONFIGS if p.stem == "quickstart"][0]
+    with pytest.raises(ConfigError, match=r"command-line override 'train.steps=abc': bad value for 'train.steps'"):
+        load_config(quickstart, ["train.steps=abc"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.stepz' \(did you mean 'steps'\?\)"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"sample.sampler='hune' is not valid \(did you mean 'heun'\?\)"):
+        load_config(quickstart, ["sample.sampler=hune"])
+
+
+def test_paths_expand_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    quickstart = [p for p in CONFIGS if p.stem == "quickstart"][0]
+    cfg = load_config(quickstart, ["run_dir=~/runs/a", "data.source=npz", "data.path=~/d.npz", "log.eval_classifier=~/clf"])
+    assert (cfg.run_dir, cfg.data.path, cfg.log.eval_classifier) == (f"{tmp_path}/runs/a", f"{tmp_path}/d.npz", f"{tmp_path}/clf")
+
+
+def test_config_returns_a_new_object_and_never_edits_its_input():
+    cfg = Config()
+    args_before = dict(cfg.model.args)
+    out = with_model_args(cfg)
+    assert cfg.model.args == args_before == {} and out.model.args["width"] == 64 and out is not cfg
+
+
+def test_readme_choices_table_is_generated_from_the_registries():
+    """Every list of valid names is written once, in its registry; the README's table is built from them."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split(CHOICES_START, 1)[1].split(CHOICES_END, 1)[0].strip()
+    assert block == choices_table(), "README choices table is stale: run `python -m minsnr.config README.md`"
+    from minsnr.sampling import SAMPLERS
+
+    assert f"| `sample.sampler` | {', '.join(f'`{s}`' for s in SAMPLERS)} |" in block
 
 
 def test_repo_configs_folder_is_the_packaged_one():

@@ -74,10 +74,10 @@ def test_fid_cli_classifier_features_with_cache(trained, mnist, tmp_path, monkey
     calls = []
     real = fid.compute_stats
     monkeypatch.setattr(fid, "compute_stats", lambda batches, fn: calls.append(1) or real(batches, fn))
-    kw = dict(features="classifier", classifier=trained, device="cpu", batch_size=500)
+    kw = dict(features="classifier", classifier=trained, device="cpu", batch_size=500, cache_dir=tmp_path / "cache")
     first = fid.compute_fid(tmp_path / "samples.npz", tmp_path / "ref.npz", **kw)
     second = fid.compute_fid(tmp_path / "samples.npz", tmp_path / "ref.npz", **kw)
-    assert len(calls) == 1 and len(list(tmp_path.glob("ref.npz.fid_cls-*.stats.npz"))) == 1
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("ref.npz.*.fid_cls-*.stats.npz"))) == 1
     assert first == second and first["num_samples"] == 1000
     assert 0.8 <= first["cls_acc"] <= 0.9  # ~98% of the 900 correctly labelled samples
     assert 0 < first["fid_cls"] < 5

@@ -68,9 +68,11 @@ def random_inception(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_inception_fid_end_to_end_offline_with_cache(random_inception, tmp_path, monkeypatch):
+def test_inception_fid_end_to_end_offline_with_cache(random_inception, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache_dir = tmp_path / "xdg" / "minsnr" / "fid"  # the default: the user's cache, not the data's folder
     rng = np.random.default_rng(0)
     ref_imgs = rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
     samples = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)  # grayscale, other size: both allowed
@@ -89,9 +91,10 @@ def test_inception_fid_end_to_end_offline_with_cache(random_inception, tmp_path,
     result = json.loads((tmp_path / "a.json").read_text())
     assert np.isfinite(result["fid"]) and result["fid"] > 0 and result["num_samples"] == 3
     assert len(calls) == 2  # reference and samples
-    caches = list(tmp_path.glob("ref.npz.inception-*.stats.npz"))
-    assert len(caches) == 1
-    tag = caches[0].name[len("ref.npz."):-len(".stats.npz")]
+    assert "reference features (ref.npz): 100%" in capsys.readouterr().err  # a progress bar
+    caches = list(cache_dir.glob("ref.npz.*.inception-*.stats.npz"))
+    assert len(caches) == 1 and not list(tmp_path.glob("*.stats.npz"))
+    tag = caches[0].name.split(".", 3)[3][:-len(".stats.npz")]
     with np.load(caches[0]) as z:
         mu, sigma = z["mu"], z["sigma"]
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu.std() > 0
@@ -103,18 +106,26 @@ def test_inception_fid_end_to_end_offline_with_cache(random_inception, tmp_path,
     assert len(calls) == 2 and caches[0].stat().st_mtime_ns == mtime and np.array_equal(mu, mu2)
     # the same images read from a PNG folder (other batch size) give the same statistics
     mu3, sigma3 = fid.reference_stats(tmp_path / "ref_png", fn, tag, batch_size=4)
-    assert len(calls) == 3 and (tmp_path / f"ref_png.{tag}.stats.npz").is_file()
+    assert len(calls) == 3 and len(list(cache_dir.glob(f"ref_png.*.{tag}.stats.npz"))) == 1
     np.testing.assert_allclose(mu3, mu, rtol=1e-4, atol=1e-6 * np.abs(mu).max())
     np.testing.assert_allclose(sigma3, sigma, rtol=1e-3, atol=1e-5 * np.abs(sigma).max())
     # a changed reference invalidates its cache
     np.savez(ref, arr_0=ref_imgs[:3])
     fid.reference_stats(ref, fn, tag)
     assert len(calls) == 4
+    # another cache folder on request; a reference of the same name elsewhere gets its own entry
+    mine = tmp_path / "mine"
+    assert fid.main([str(tmp_path / "samples.npz"), *args, "--cache-dir", str(mine)]) == 0
+    assert len(calls) == 6 and len(list(mine.glob(f"ref.npz.*.{tag}.stats.npz"))) == 1
+    (tmp_path / "other").mkdir()
+    np.savez(tmp_path / "other" / "ref.npz", arr_0=ref_imgs[:3])
+    fid.reference_stats(tmp_path / "other" / "ref.npz", fn, tag)
+    assert len(calls) == 7 and len(list(cache_dir.glob(f"ref.npz.*.{tag}.stats.npz"))) == 2
     # an ADM reference batch (mu, sigma) is used as is, nothing computed or cached
     np.savez(tmp_path / "adm.npz", mu=np.arange(3.0), sigma=np.eye(3), arr_0=ref_imgs)
     mu, sigma = fid.reference_stats(tmp_path / "adm.npz", fn, "inception")
     assert mu.tolist() == [0, 1, 2] and sigma.tolist() == np.eye(3).tolist()
-    assert len(calls) == 4 and not list(tmp_path.glob("adm.npz.*"))
+    assert len(calls) == 7 and not list(tmp_path.glob("adm.npz.*")) and not list(cache_dir.glob("adm.npz.*"))
 
 
 def test_inception_without_weights_says_where_to_put_them(tmp_path, monkeypatch):

@@ -32,11 +32,10 @@ def digits_classifier(tmp_path_factory) -> Path:
 
 def test_eval_hook_scores_samples_against_cached_training_stats(digits_classifier, tmp_path, monkeypatch):
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, f"log.eval_classifier={digits_classifier}"])
-    from minsnr.checkpoint import build_model, resolve_model_args
+    from minsnr.models import build_model
 
-    resolve_model_args(cfg)
     torch.manual_seed(0)
-    ema = build_model(cfg).eval()
+    ema = build_model(cfg.model).eval()
     ctx = SimpleNamespace(ema=ema, device=torch.device("cpu"), run_dir=tmp_path, dataset=build_dataset(cfg.data))
     refs = []
     real = periodic.reference_batches

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minsnr.checkpoint import build_model, load_model, resolve_model_args
+from minsnr.checkpoint import load_model
+from minsnr.models import build_model
 from minsnr.config import load_config, to_dict
 from minsnr.evaluate import sample
 
@@ -28,9 +29,8 @@ def make_checkpoint(path: Path, num_classes: int = 10, *extra: str) -> Path:
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
                       ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
                        f"model.num_classes={num_classes}", "loss.label_dropout=0", "sample.steps=2", *extra])
-    resolve_model_args(cfg)
     torch.manual_seed(0)
-    model, ema = build_model(cfg), build_model(cfg)
+    model, ema = build_model(cfg.model), build_model(cfg.model)
     with torch.no_grad():
         for p in [*model.parameters(), *ema.parameters()]:
             p.normal_(0, 0.3)
@@ -75,6 +75,18 @@ def test_sample_count_balance_determinism_and_pictures(ckpt, tmp_path):
     assert (tmp_path / "grid.png").is_file() and len(list((tmp_path / "png").glob("*.png"))) == 23
     assert (tmp_path / "png" / f"000004_{y[4]}.png").is_file()
     assert len({img.tobytes() for img in x}) == 23  # no image twice
+    # the grid: one row per class, as the training previews; 23 images over 10 classes give 2 of each
+    from PIL import Image
+
+    from minsnr.evaluate.grid import make_grid
+
+    rows = [x[y == c][:2] for c in range(10)]
+    expect = make_grid(np.concatenate(rows), nrow=2)
+    with Image.open(tmp_path / "grid.png") as im:
+        grid = np.asarray(im)
+    factor = grid.shape[1] // expect.shape[1]
+    assert factor >= 1 and grid.shape[1] >= 320  # enlarged like the previews, so 8x8 digits stay visible
+    assert np.array_equal(grid, expect[..., 0].repeat(factor, 0).repeat(factor, 1))
 
     run(ckpt, tmp_path / "b.npz", "--seed", "1")
     assert all(np.array_equal(u, v) for u, v in zip(load(tmp_path / "a.npz"), load(tmp_path / "b.npz")))
@@ -98,6 +110,21 @@ def test_interrupted_run_resumes_to_the_same_output(ckpt, tmp_path, monkeypatch,
     run(ckpt, tmp_path / "part.npz", "--seed", "5")
     assert calls == [5, 5, 5, 5, 3]  # 5 chunks of 23 images, each drawn once
     assert all(np.array_equal(u, v) for u, v in zip(load(tmp_path / "full.npz"), load(tmp_path / "part.npz")))
+
+
+def test_only_the_classes_of_the_training_data_are_drawn(ckpt, tmp_path, capsys):
+    """A 10-class model trained on 2-class data (train refuses that now; older checkpoints exist): its
+    other 8 class rows were never trained, so sample draws labels 0 and 1 only, and says so."""
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "class_names": ["cat", "dog"]}, tmp_path / "two.pt")
+    run(tmp_path / "two.pt", tmp_path / "two.npz", "--seed", "1", "--grid", str(tmp_path / "grid.png"))
+    x, y = load(tmp_path / "two.npz")
+    assert np.array_equal(y, sample.balanced_labels(23, 2, seed=1)) and set(y.tolist()) == {0, 1}
+    assert "trained on 2 classes (cat, dog)" in capsys.readouterr().err
+    torch.save({**state, "class_names": [str(i) for i in range(10)]}, tmp_path / "ten.pt")
+    run(tmp_path / "ten.pt", tmp_path / "ten.npz", "--seed", "1")
+    assert np.array_equal(load(tmp_path / "ten.npz")[1], sample.balanced_labels(23, 10, seed=1))
+    assert "drawing labels" not in capsys.readouterr().err
 
 
 def test_unconditional_model_writes_no_labels(tmp_path):

@@ -107,7 +107,7 @@ def test_latent_run_without_diffusers_trains_without_previews(monkeypatch, caplo
     with caplog.at_level(logging.WARNING):
         assert build_hooks(cfg) == ()
     assert [r.getMessage() for r in caplog.records] == [
-        "diffusers not installed: pip install 'minsnr[latent]'; no preview grids (they decode latents with the SD-VAE)"]
+        "diffusers not installed: pip install 'minsnr[latent]'; no previews or samples.png (they decode latents with the SD-VAE)"]
 
 
 def test_core_dependencies_are_the_demos_and_the_locks_pin_them():

@@ -67,11 +67,11 @@ def test_heun_gaussian_matches_closed_form_and_moments():
     assert out.mean().item() == pytest.approx(MU, rel=0.02)
     assert out.std().item() == pytest.approx(S, rel=0.02)
     # the schedule's own range (sigma_max ~ 2e4) spreads the steps thinly: still second order to the exact answer
-    sigmas = karras_sigmas(64, SCHED.sigma_min, SCHED.sigma_max)
+    sigmas = karras_sigmas(64, SCHED.sigma_ve_min, SCHED.sigma_ve_max)
     x = start_noise(2000, 1, sigmas)
     exact = gauss_ode_solution(x, sigmas[0].item())
     err64 = (sample_heun(gauss_denoiser, x, sigmas) - exact).abs().mean().item()
-    err128 = (sample_heun(gauss_denoiser, x, karras_sigmas(128, SCHED.sigma_min, SCHED.sigma_max)) - exact).abs().mean().item()
+    err128 = (sample_heun(gauss_denoiser, x, karras_sigmas(128, SCHED.sigma_ve_min, SCHED.sigma_ve_max)) - exact).abs().mean().item()
     assert err64 < 0.02 * S and err128 < err64 / 3
 
 
@@ -87,12 +87,12 @@ def test_heun_mixture_moments():
 @pytest.mark.parametrize("denoiser", [gauss_denoiser, mixture_denoiser])
 def test_convergence_orders(denoiser):
     """Heun is second order (>= 3x less error per doubling), Euler first order (about 2x)."""
-    x_ref_sigmas = karras_sigmas(1000, SCHED.sigma_min, SCHED.sigma_max)
+    x_ref_sigmas = karras_sigmas(1000, SCHED.sigma_ve_min, SCHED.sigma_ve_max)
     x = start_noise(1000, 1, x_ref_sigmas, seed=2)
     ref = sample_heun(denoiser, x, x_ref_sigmas)
     errs: dict[str, list[float]] = {"heun": [], "euler": []}
     for n in (8, 16, 32, 64):
-        sigmas = karras_sigmas(n, SCHED.sigma_min, SCHED.sigma_max)
+        sigmas = karras_sigmas(n, SCHED.sigma_ve_min, SCHED.sigma_ve_max)
         for name, fn in (("heun", sample_heun), ("euler", sample_euler)):
             errs[name].append((fn(denoiser, x, sigmas) - ref).abs().mean().item())
     heun_ratio = errs["heun"][-2] / errs["heun"][-1]
@@ -103,7 +103,7 @@ def test_convergence_orders(denoiser):
 
 
 def test_ddim_is_euler_in_the_ve_view():
-    sigmas = karras_sigmas(12, SCHED.sigma_min, SCHED.sigma_max)
+    sigmas = karras_sigmas(12, SCHED.sigma_ve_min, SCHED.sigma_ve_max)
     x = start_noise(100, 1, sigmas, seed=3)
     torch.testing.assert_close(sample_ddim(mixture_denoiser, x, sigmas), sample_euler(mixture_denoiser, x, sigmas))
 
@@ -141,7 +141,7 @@ class PerfectVPModel(torch.nn.Module):
 
 @pytest.mark.parametrize("target", ["x0", "eps", "v"])
 def test_vp_denoiser_is_exact_for_every_target(target):
-    sigmas = karras_sigmas(32, SCHED.sigma_min, SCHED.sigma_max)
+    sigmas = karras_sigmas(32, SCHED.sigma_ve_min, SCHED.sigma_ve_max)
     x = start_noise(2000, 1, sigmas, seed=5)
     direct = sample_heun(mixture_denoiser, x, sigmas)
     wrapped = sample_heun(VPDenoiser(PerfectVPModel(target), SCHED, target), x, sigmas)
@@ -178,6 +178,6 @@ def test_generate_runs_model_end_to_end():
     recorder = lambda x, t, labels: seen.append(SCHED.sigma_ve(t.double())[0].item()) or model(x, t, labels)  # noqa: E731
     recorder.parameters = model.parameters
     generate(recorder, SCHED, "v", None, shape=(2, 1), sampler="euler", steps=4, sigma_max=80.0)
-    assert seen[0] == pytest.approx(80.0, rel=1e-5) and seen[-1] == pytest.approx(SCHED.sigma_min, rel=1e-5)  # t in float32
+    assert seen[0] == pytest.approx(80.0, rel=1e-5) and seen[-1] == pytest.approx(SCHED.sigma_ve_min, rel=1e-5)  # t in float32
     with pytest.raises(ValueError, match="heun, euler, ddim"):
         generate(model, SCHED, "v", None, shape=(2, 1), sampler="dpm")

@@ -53,8 +53,8 @@ def test_sigma_timestep_round_trip(name):
     torch.testing.assert_close(sched.t_from_sigma(sched.sigma_ve(t)), t, rtol=0, atol=1e-9)
     ti = torch.arange(1000)
     torch.testing.assert_close(sched.t_from_sigma(sched.sigma_ve(ti)), ti.double(), rtol=0, atol=1e-9)
-    assert sched.sigma_min == pytest.approx(float(sched.sigma_ve(ti[:1])), rel=1e-12)
-    assert sched.sigma_max == pytest.approx(float(sched.sigma_ve(ti[-1:])), rel=1e-12)
+    assert sched.sigma_ve_min == pytest.approx(float(sched.sigma_ve(ti[:1])), rel=1e-12)
+    assert sched.sigma_ve_max == pytest.approx(float(sched.sigma_ve(ti[-1:])), rel=1e-12)
 
 
 def test_unknown_schedule_lists_names():

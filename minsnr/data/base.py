@@ -58,7 +58,17 @@ def too_many_bad(bad: int, total: int, limit: float) -> bool:
     return bad > limit * total
 
 
-def bad_images_message(bad: Sequence[str], total: int, limit: float, where: str) -> str:
-    shown = "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+def tolerated_fraction(bad: int, total: int) -> float:
+    """The smallest limit in whole percent that `too_many_bad` lets `bad` of `total` pass."""
+    limit = -(-100 * bad // max(total, 1)) / 100
+    return limit if not too_many_bad(bad, total, limit) else round(limit + 0.01, 2)  # 0.29 * 100 < 29
+
+
+def bad_images_message(bad: Sequence[str], total: int, limit: float, where: str,
+                       setting: str = "data.max_bad_fraction") -> str:
+    """One line: how many, which (the first 5), and the two fixes; `setting` is the knob's name as the
+    user gives it (a config key, or a flag such as --max-bad-fraction)."""
+    shown = "; ".join(bad[:5]) + (f" ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
     return (f"{where}: {len(bad)} unreadable images out of {total} ({100 * len(bad) / max(total, 1):.2f}%) "
-            f"exceed data.max_bad_fraction={limit}; fix or remove them: {shown}")
+            f"exceed {setting}={limit}: {shown}. Remove or repair these files, or accept this many "
+            f"with {setting}={tolerated_fraction(len(bad), total):g}")

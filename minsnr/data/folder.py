@@ -153,7 +153,8 @@ class FolderDataset(ImageDataset):
                     bad.append((err.path, err.error))
             else:
                 raise BadImagesError(f"{tries} unreadable images in a row from {self.path(i)}, more than "
-                                     f"data.max_bad_fraction={self.max_bad_fraction} of {n} allows")
+                                     f"data.max_bad_fraction={self.max_bad_fraction} of {n} allows; remove or "
+                                     f"repair them, or raise data.max_bad_fraction")
             arrays.append(arr[:, ::-1] if flip else arr)
             labels.append(self.labels[j])
         x = to_float(torch.from_numpy(np.stack(arrays)))

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from minsnr.data.base import BadImagesError, Fetched, ImageDataset, bad_images_message, too_many_bad
 from minsnr.data.loader import BatchFetch, keep_batch
 from minsnr.data.transforms import CROPS, Key, empty_batch, flips, split_key
+from minsnr.distributed import barrier, setup, teardown
 from minsnr.extras import require
 
 log = logging.getLogger(__name__)
@@ -132,23 +134,6 @@ def _image_dataset(data: str, size: int, crop: str) -> ImageDataset:
     return FolderDataset(data, resolution=size, crop=crop, hflip=False)
 
 
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call started the process group); torchrun sets WORLD_SIZE."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo")  # only barriers; the VAE runs on each rank's own device
-    return dist.get_rank(), dist.get_world_size(), started
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:
     """Create the folder (rank 0) or check that an existing one was started with the same settings."""
     if (out / SETTINGS).is_file():
@@ -176,13 +161,10 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
     `max_chunks` stops after that many chunks on this rank (to encode in time-limited jobs).
     """
     out = Path(out)
-    rank, world, started = _distributed()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    d = setup(device, backend="gloo")  # gloo: only barriers; the VAE runs on each rank's own device
+    rank, world = d.rank, d.world
     dataset = _image_dataset(data, size, crop)
-    vae = load_vae(vae_name, device)
+    vae = load_vae(vae_name, d.device)
     cfg = vae.config  # type: ignore[attr-defined]
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     n = len(dataset)
@@ -192,7 +174,7 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
                 "num_classes": dataset.num_classes, "class_names": dataset.class_names}
     if rank == 0:
         _prepare(out, settings, np.asarray(dataset.labels))
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         _prepare(out, settings, np.asarray(dataset.labels))  # checks only
     moments = np.load(out / MOMENTS, mmap_mode="r+")
@@ -221,7 +203,7 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
                 write_json(out / DONE / f"{k:06d}.json", {"bad": chunk_bad})
                 chunk_bad = []
     del moments
-    _barrier(world)
+    barrier(world)
     done = [out / DONE / f"{k:06d}.json" for k in range(math.ceil(n / chunk))]
     complete = all(p.exists() for p in done)
     if complete and rank == 0:
@@ -229,20 +211,23 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
         for path, err in bad:
             log.warning("unreadable image %s (%s) was replaced by its next readable neighbour", path, err)
         if too_many_bad(len(bad), n, max_bad_fraction):
-            raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data)))
+            raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data),
+                                                    "--max-bad-fraction"))
         write_json(out / META, {**settings, "bad_files": bad,
                                 "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"})
-    if started:
-        torch.distributed.destroy_process_group()
+    if d.started:
+        teardown()
     return complete
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minsnr encode", description="Encode an image folder (or .npz) into "
-                                "SD-VAE posterior moments for latent diffusion training (data.source=latent).")
-    p.add_argument("--data", required=True, help="image folder (ImageNet layout or flat) or .npz file")
-    p.add_argument("--out", required=True, help="latent folder to write (resumable)")
-    p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL hub id or local folder")
+                                "SD-VAE posterior moments for latent diffusion training (data.source=latent).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    path = os.path.expanduser
+    p.add_argument("--data", required=True, type=path, help="image folder (ImageNet layout or flat) or .npz file")
+    p.add_argument("--out", required=True, type=path, help="latent folder to write (resumable)")
+    p.add_argument("--vae", default=DEFAULT_VAE, type=path, help="diffusers AutoencoderKL hub id or local folder")
     p.add_argument("--size", type=int, default=256, help="image side length fed to the VAE")
     p.add_argument("--crop", default="adm", choices=CROPS, help="preprocessing recipe (default: ADM center crop)")
     p.add_argument("--batch", type=int, default=32, help="images per VAE call (each also encoded flipped)")
@@ -250,13 +235,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage type of the moments")
     p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
-    p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks (rerun to continue)")
+    p.add_argument("--max-chunks", type=int, default=None,
+                   help="stop after this many chunks, None: no limit (rerun to continue)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail if more images than this are unreadable")
     a = p.parse_args(argv)
     if min(a.batch, a.chunk, a.size) <= 0:
         p.error("--batch, --chunk and --size must be positive")
-    complete = encode(a.data, a.out, a.vae, a.size, batch=a.batch, chunk=a.chunk, device=a.device, crop=a.crop,
-                      dtype=a.dtype, num_workers=a.workers, max_chunks=a.max_chunks,
-                      max_bad_fraction=a.max_bad_fraction)
+    if not Path(a.data).exists():
+        p.error(f"--data {a.data} not found; give an image folder or an .npz file")
+    try:
+        complete = encode(a.data, a.out, a.vae, a.size, batch=a.batch, chunk=a.chunk, device=a.device, crop=a.crop,
+                          dtype=a.dtype, num_workers=a.workers, max_chunks=a.max_chunks,
+                          max_bad_fraction=a.max_bad_fraction)
+    except (OSError, ValueError, KeyError, ImportError, BadImagesError) as err:
+        print(f"minsnr encode: error: {err}", file=sys.stderr)
+        return 1
     print(f"{a.out}: {'complete' if complete else 'partial; rerun the same command to continue'}")
     return 0

@@ -13,14 +13,15 @@ Scaling to [-1, 1] and the horizontal flip work on whole batches (`to_float`, `s
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-CROPS = ("none", "adm", "celeba")
+from minsnr.registry import lookup
+
 CELEBA_CROP = 140  # ScoreSDE datasets.py: central_crop(img, 140)
 
 # A dataset key: an index (no augmentation, deterministic) or (index, aug_seed) drawn by the loader.
@@ -49,9 +50,19 @@ def celeba_crop(pil_image: Image.Image, image_size: int, crop: int = CELEBA_CROP
     return np.array(pil_image.resize((image_size, image_size), resample=Image.BILINEAR))
 
 
+def keep_or_resize(pil_image: Image.Image, resolution: Optional[int]) -> np.ndarray:
+    """No crop: the image as it is, or a plain bicubic resize to resolution x resolution."""
+    if resolution is not None and pil_image.size != (resolution, resolution):
+        pil_image = pil_image.resize((resolution, resolution), resample=Image.BICUBIC)
+    return np.asarray(pil_image)
+
+
+# name -> crop(PIL image, resolution) -> uint8 [H, W(, 3)]; `data.crop` chooses one.
+CROPS: dict[str, Callable[..., np.ndarray]] = {"none": keep_or_resize, "adm": center_crop_arr, "celeba": celeba_crop}
+
+
 def check_crop(crop: str, resolution: Optional[int]) -> None:
-    if crop not in CROPS:
-        raise ValueError(f"data.crop={crop!r} is not valid; choose one of: {', '.join(CROPS)}")
+    lookup(CROPS, crop, "data.crop")
     if crop != "none" and resolution is None:
         raise ValueError(f"data.crop={crop} needs data.resolution (e.g. 64 or 256)")
     if resolution is not None and resolution <= 0:
@@ -61,13 +72,7 @@ def check_crop(crop: str, resolution: Optional[int]) -> None:
 def prepare(pil_image: Image.Image, crop: str, resolution: Optional[int]) -> np.ndarray:
     """Apply one of CROPS; returns uint8 [H, W] (grayscale) or [H, W, 3]."""
     check_crop(crop, resolution)
-    if crop == "adm":
-        return center_crop_arr(pil_image, resolution)  # type: ignore[arg-type]
-    if crop == "celeba":
-        return celeba_crop(pil_image, resolution)  # type: ignore[arg-type]
-    if resolution is not None and pil_image.size != (resolution, resolution):
-        pil_image = pil_image.resize((resolution, resolution), resample=Image.BICUBIC)
-    return np.asarray(pil_image)
+    return CROPS[crop](pil_image, resolution)
 
 
 def empty_batch(*shape: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from minsnr.evaluate.frechet import feature_stats, frechet_distance
-from minsnr.evaluate.util import resolve_device, run_verb
+from minsnr.distributed import resolve_device
+from minsnr.evaluate.util import HelpFormatter, progress, run_verb
 
 FORMAT = "minsnr-classifier"
 
@@ -128,8 +131,9 @@ def _batches(x: np.ndarray, size: int) -> Iterable[np.ndarray]:
 
 def train_classifier(x: np.ndarray, y: np.ndarray, *, epochs: int = 3, batch_size: int = 128, lr: float = 5e-3,
                      width: int = 16, feature_dim: int = 128, seed: int = 0,
-                     device: str | torch.device = "cpu") -> SmallCNN:
-    """Train on uint8 images [N, H, W, C] and labels [N] with AdamW and a one-cycle learning rate."""
+                     device: str | torch.device = "cpu", show_progress: bool = False) -> SmallCNN:
+    """Train on uint8 images [N, H, W, C] and labels [N] with AdamW and a one-cycle learning rate; with
+    `show_progress` a progress bar over the steps, with the loss every 50 steps."""
     torch.manual_seed(seed)
     num_classes = int(y.max()) + 1
     model = SmallCNN(x.shape[3], num_classes, width, feature_dim).to(device)
@@ -139,16 +143,21 @@ def train_classifier(x: np.ndarray, y: np.ndarray, *, epochs: int = 3, batch_siz
     rng = np.random.default_rng(seed)
     labels = torch.from_numpy(y.astype(np.int64))
     model.train()
-    for _ in range(epochs):
-        perm = rng.permutation(len(x))
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            _, logits = model(_to_input(x[idx], torch.device(device)))
-            loss = F.cross_entropy(logits, labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    with tqdm(total=steps, desc="training classifier", unit="step", disable=not show_progress,
+              dynamic_ncols=True) as bar:
+        for epoch in range(epochs):
+            perm = rng.permutation(len(x))
+            for i in range(0, len(x), batch_size):
+                idx = perm[i:i + batch_size]
+                _, logits = model(_to_input(x[idx], torch.device(device)))
+                loss = F.cross_entropy(logits, labels[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+                if show_progress and bar.n % 50 == 0:  # reading the loss syncs with the device: not every step
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
     return model.eval()
 
 
@@ -188,23 +197,27 @@ def _nhwc(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
-def accuracy(model: SmallCNN, x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu") -> float:
-    _, pred = classify(model, _batches(x, 512), x.shape[1:], device)
+def accuracy(model: SmallCNN, x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu",
+             show_progress: bool = False) -> float:
+    batches = _batches(x, 512)
+    _, pred = classify(model, progress(batches, len(x), "test accuracy") if show_progress else batches,
+                       x.shape[1:], device)
     return float((pred == y).mean())
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="minsnr train-classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="'digits' or an npz with x_train/y_train[/x_test/y_test] or arr_0/arr_1")
-    p.add_argument("--out", required=True, help="output stem: writes OUT.safetensors and OUT.json")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p = argparse.ArgumentParser(prog="minsnr train-classifier", description=__doc__, formatter_class=HelpFormatter)
+    path = os.path.expanduser
+    p.add_argument("data", type=path,
+                   help="'digits' or an npz with x_train/y_train[/x_test/y_test] or arr_0/arr_1")
+    p.add_argument("--out", required=True, type=path, help="output stem: writes OUT.safetensors and OUT.json")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training images")
+    p.add_argument("--batch", type=int, default=128, help="images per optimiser step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--width", type=int, default=16, help="channels of the first stage (then 2x, 4x)")
     p.add_argument("--limit", type=int, default=0, help="train on a seeded random subset of N images (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the subset and the batch order")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     a = p.parse_args(argv)
     return run_verb("minsnr train-classifier", lambda: _train(a))
 
@@ -217,8 +230,8 @@ def _train(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = resolve_device(a.device)
     model = train_classifier(x, y, epochs=a.epochs, batch_size=a.batch, lr=a.lr, width=a.width, seed=a.seed,
-                             device=device)
-    acc = accuracy(model, x_test, y_test, device)
+                             device=device, show_progress=True)
+    acc = accuracy(model, x_test, y_test, device, show_progress=True)
     meta = {"image_shape": list(x.shape[1:]), "num_classes": int(y.max()) + 1, "width": a.width,
             "feature_dim": model.head.in_features, "test_accuracy": acc, "data": str(a.data),
             "train_images": len(x), "epochs": a.epochs}

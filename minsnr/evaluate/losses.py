@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from minsnr.config import Config
-from minsnr.evaluate.util import resolve_device, run_verb
+from minsnr.distributed import resolve_device
+from minsnr.evaluate.util import HelpFormatter, check_ema_choice, run_verb
 from minsnr.extras import require
 from minsnr.objective import diffusion_loss
 from minsnr.schedule import make_schedule
@@ -40,6 +43,9 @@ def held_out(cfg: Config, data: str | None, split: str, num: int,
 
     dc = cfg.data
     if data is not None:
+        if data != "digits" and not (Path(data).is_dir() or (data.endswith(".npz") and Path(data).is_file())):
+            what = "not found" if not Path(data).exists() else "is neither an .npz file nor a folder"
+            raise FileNotFoundError(f"--data {data} {what}; give digits, an .npz file or an image folder")
         source = "digits" if data == "digits" else "npz" if data.endswith(".npz") else "folder"
         dc = dataclasses.replace(dc, source=source, path=None if source == "digits" else data)
         split = "train" if source == "folder" else split
@@ -55,12 +61,15 @@ def held_out(cfg: Config, data: str | None, split: str, num: int,
 
 @torch.no_grad()
 def bin_losses(model: nn.Module, cfg: Config, x: torch.Tensor, labels: torch.Tensor | None, *, bins: int = 10,
-               seed: int = 0, batch_size: int = 250, device: torch.device | str = "cpu") -> list[float]:
-    """Mean unweighted x0 MSE per timestep range [k T/bins, (k+1) T/bins)."""
+               seed: int = 0, batch_size: int = 250, device: torch.device | str = "cpu",
+               desc: str | None = None) -> list[float]:
+    """Mean unweighted x0 MSE per timestep range [k T/bins, (k+1) T/bins); a progress bar named `desc`
+    over the bins when given."""
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
     edges = bin_edges(schedule.num_timesteps, bins)
     out = []
-    for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    ranges = tqdm(list(zip(edges[:-1], edges[1:])), desc=desc, unit="bin", disable=desc is None, dynamic_ncols=True)
+    for b, (lo, hi) in enumerate(ranges):
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
         noise = torch.randn(x.shape, generator=gen)
         t = lo + torch.arange(len(x)) % (hi - lo)
@@ -123,18 +132,20 @@ def plot(results: list[dict[str, Any]], bins: list[list[int]], path: Path) -> No
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="minsnr losses", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help=".pt checkpoints or exported .safetensors")
-    p.add_argument("--data", default=None, help="held-out data: digits, an .npz or an image folder")
-    p.add_argument("--split", choices=("train", "test"), default="test")
+    p = argparse.ArgumentParser(prog="minsnr losses", description=__doc__, formatter_class=HelpFormatter)
+    path = os.path.expanduser
+    p.add_argument("checkpoints", nargs="+", type=path, help=".pt checkpoints or exported .safetensors")
+    p.add_argument("--data", default=None, type=path,
+                   help="held-out data: digits, an .npz or an image folder (default: the run's data config)")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="split of the run's data or --data")
     p.add_argument("--num", type=int, default=1000, help="held-out images")
-    p.add_argument("--bins", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="losses", help="writes OUT.json and OUT.png")
+    p.add_argument("--bins", type=int, default=10, help="equal timestep ranges")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image subset and the noise")
+    p.add_argument("--batch", type=int, default=250, help="images per forward pass")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA weights; --no-ema: the raw training weights (.pt checkpoints only)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--out", default="losses", type=path, help="writes OUT.json and OUT.png")
     a = p.parse_args(argv)
     return run_verb("minsnr losses", lambda: _losses(a))
 
@@ -143,12 +154,15 @@ def _losses(a: argparse.Namespace) -> int:
     from minsnr.checkpoint import load_model
 
     require("matplotlib", "the figure of minsnr losses")
+    for ckpt in a.checkpoints:
+        check_ema_choice(ckpt, a.ema)
     device = resolve_device(a.device)
     results = []
     for ckpt in a.checkpoints:
         model, cfg = load_model(ckpt, ema=a.ema, map_location=device)
         x, labels = held_out(cfg, a.data, a.split, a.num, a.seed)
-        mse = bin_losses(model, cfg, x, labels, bins=a.bins, seed=a.seed, batch_size=a.batch, device=device)
+        mse = bin_losses(model, cfg, x, labels, bins=a.bins, seed=a.seed, batch_size=a.batch, device=device,
+                         desc=Path(ckpt).name)
         results.append({"path": str(ckpt), "run": Path(cfg.run_dir).name, "step": _step(Path(ckpt)), "mse": mse})
         print(f"{ckpt}: " + " ".join(f"{m:.4g}" for m in mse))
     edges = bin_edges(cfg.schedule.num_timesteps, a.bins)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from minsnr.evaluate.util import run_verb
+from minsnr.evaluate.util import HelpFormatter, run_verb
 from minsnr.extras import require
 
 
@@ -109,13 +110,13 @@ def plot(result: dict[str, Any], path: Path, log_y: bool = False) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="minsnr plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", help="run folders; the first is the baseline for speed-ups")
+    p = argparse.ArgumentParser(prog="minsnr plot", description=__doc__, formatter_class=HelpFormatter)
+    path = os.path.expanduser
+    p.add_argument("run_dirs", nargs="+", type=path, help="run folders; the first is the baseline for speed-ups")
     p.add_argument("--metric", default=None, help="fid, fid_cls or any logged key (default: fid, else fid_cls)")
     p.add_argument("--threshold", type=float, default=None, help="default: the largest of the runs' best values")
-    p.add_argument("--out", default="fid_vs_steps", help="writes OUT.png and OUT.json")
-    p.add_argument("--log-y", action="store_true")
+    p.add_argument("--out", default="fid_vs_steps", type=path, help="writes OUT.png and OUT.json")
+    p.add_argument("--log-y", action="store_true", help="logarithmic metric axis")
     a = p.parse_args(argv)
     return run_verb("minsnr plot", lambda: _plot(a))
 

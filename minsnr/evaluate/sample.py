@@ -2,10 +2,13 @@
 appendix C.3: EMA model, EDM Heun sampler, classifier-free guidance).
 
 Output: ADM's format, `arr_0` uint8 [N, H, W, C] and, for class-conditional models, `arr_1` int64 labels
-(unconditional models: no `arr_1`). Labels are balanced (class counts differ by at most one) and shuffled
-by --seed. Work is split into chunks of --batch images, chunk i drawn with noise seeded by (seed, i) and
-written to OUT.chunks/; a rerun after an interruption skips the finished chunks and gives exactly the
-output of an uninterrupted run. Under torchrun, rank r draws chunks r, r + world, ...; rank 0 assembles
+(unconditional models: no `arr_1`). Labels are balanced (class counts differ by at most one), shuffled
+by --seed, and cover the classes of the training data (the checkpoint's class_names; an old checkpoint
+may have more class rows than its data had classes). --grid lays samples out one row per class.
+
+Work is split into chunks of --batch images, chunk i drawn with noise seeded by (seed, i) and written to
+OUT.chunks/; a rerun after an interruption skips the finished chunks and gives exactly the output of an
+uninterrupted run. Under torchrun, rank r draws chunks r, r + world, ...; rank 0 assembles
 OUT and removes the chunk folder. Latent models (data.source=latent) are decoded through the VAE named
 in the latent folder's meta.json (--latents DIR if the training path is not on this machine).
 
@@ -28,8 +31,10 @@ from torch import nn
 from tqdm import tqdm
 
 from minsnr.config import Config
-from minsnr.evaluate.images import to_uint8, write_npz
-from minsnr.evaluate.util import run_verb
+from minsnr.distributed import barrier, teardown
+from minsnr.evaluate.images import ImageSet, to_uint8, write_npz
+from minsnr.evaluate.util import HelpFormatter, check_ema_choice, progress, run_verb
+from minsnr.sampling import SAMPLERS, generate
 from minsnr.schedule import make_schedule
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -42,6 +47,29 @@ def balanced_labels(num: int, num_classes: int, seed: int) -> np.ndarray:
 
 def chunk_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def trained_class_names(checkpoint: str | Path) -> list[str]:
+    """The training data's class names stored with the weights ([] when the file does not say)."""
+    p = Path(checkpoint)
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return list(json.loads((f.metadata() or {}).get("class_names", "[]")))
+    state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # the weights are not read
+    return list(state.get("class_names", []))
+
+
+def sampled_classes(checkpoint: str | Path, num_classes: int, say: bool = True) -> int:
+    """How many classes to draw labels from: the model's, or only the first K that the data had when the
+    model has more class rows than its data had classes (those rows were never trained); says so."""
+    names = trained_class_names(checkpoint)
+    if 0 < len(names) < num_classes and say:
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        print(f"note: {checkpoint} has {num_classes} class rows but was trained on {len(names)} classes "
+              f"({shown}); drawing labels 0..{len(names) - 1} only", file=sys.stderr)
+    return len(names) if 0 < len(names) < num_classes else num_classes
 
 
 def latent_decoder(cfg: Config, device: torch.device, latents: str | None = None) -> Decode | None:
@@ -63,8 +91,6 @@ def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num:
                   steps: int | None = None, cfg_scale: float | None = None) -> np.ndarray:
     """`num` uint8 [N, H, W, C] images from `model` with the noise of torch.Generator(seed); sampler
     settings default to cfg.sample."""
-    from minsnr.sampling import generate
-
     m, s = cfg.model, cfg.sample
     gen = torch.Generator(device=device).manual_seed(seed)
     y = None if labels is None else torch.as_tensor(labels, device=device)
@@ -84,10 +110,13 @@ def _chunks(folder: Path, n: int) -> Iterator[np.ndarray]:
 def run(args: argparse.Namespace) -> Path | None:
     """Draw the missing chunks of this rank, then (rank 0) assemble; None when stopped by --max-chunks."""
     from minsnr.checkpoint import load_model
-    from minsnr.train import setup_distributed
+    from minsnr.distributed import setup
 
-    rank, world, device = setup_distributed(args.device)
+    check_ema_choice(args.checkpoint, args.ema)
+    d = setup(args.device)
+    rank, world, device = d.rank, d.world, d.device
     model, cfg = load_model(args.checkpoint, ema=args.ema, map_location=device)
+    classes = sampled_classes(args.checkpoint, cfg.model.num_classes, say=rank == 0)
     out = Path(args.out)
     folder = out.with_name(out.name + ".chunks")
     settings = {k: str(v) for k, v in vars(args).items() if k in (
@@ -99,9 +128,8 @@ def run(args: argparse.Namespace) -> Path | None:
             raise ValueError(f"{folder} holds chunks drawn with other settings ({stored.read_text().strip()}); "
                              f"use the same arguments to resume, or delete {folder}")
         stored.write_text(json.dumps(settings))
-    if world > 1:
-        torch.distributed.barrier()
-    labels = balanced_labels(args.num, cfg.model.num_classes, args.seed) if cfg.model.num_classes > 0 else None
+    barrier(world)
+    labels = balanced_labels(args.num, classes, args.seed) if classes > 0 else None
     decode = latent_decoder(cfg, device, args.latents)
     num_chunks = -(-args.num // args.batch)
     todo = [i for i in range(rank, num_chunks, world) if not (folder / f"{i:06d}.npz").is_file()]
@@ -114,8 +142,7 @@ def run(args: argparse.Namespace) -> Path | None:
         tmp = folder / f"{i:06d}.tmp.npz"
         np.savez(tmp, images=images)
         tmp.replace(folder / f"{i:06d}.npz")
-    if world > 1:
-        torch.distributed.barrier()
+    barrier(world)
     missing = [i for i in range(num_chunks) if not (folder / f"{i:06d}.npz").is_file()]
     if rank != 0 or missing:
         return None
@@ -126,6 +153,22 @@ def run(args: argparse.Namespace) -> Path | None:
     return out
 
 
+def class_rows(images: ImageSet, labels: np.ndarray, classes: int = 10, per_class: int = 10) -> tuple[np.ndarray, int]:
+    """(uint8 [rows * cols, H, W, C], cols): the first `per_class` images (fewer if a class has fewer) of
+    each of the first `classes` labels present, class by class: one row per class, as the training previews."""
+    present = np.unique(labels)[:classes]
+    cols = min(per_class, min(int(np.count_nonzero(labels == c)) for c in present))
+    picks = np.concatenate([np.flatnonzero(labels == c)[:cols] for c in present]).tolist()
+    found: dict[int, np.ndarray] = {}
+    start = 0
+    for batch in images.batches(1000):  # keep only the picked images; stop after the last one
+        found.update((i, batch[i - start]) for i in picks if start <= i < start + len(batch))
+        start += len(batch)
+        if start > max(picks):
+            break
+    return np.stack([found[i] for i in picks]), cols
+
+
 def _pictures(out: Path, labels: np.ndarray | None, png_dir: str | None, grid: str | None) -> None:
     from PIL import Image
 
@@ -134,11 +177,12 @@ def _pictures(out: Path, labels: np.ndarray | None, png_dir: str | None, grid: s
 
     images = open_images(out)
     if grid:
-        save_grid(next(images.batches(100)), grid)
+        picked, cols = (next(images.batches(100)), None) if labels is None else class_rows(images, labels)
+        save_grid(picked, grid, nrow=cols, min_width=320)
     if png_dir:
         Path(png_dir).mkdir(parents=True, exist_ok=True)
         i = 0
-        for batch in images.batches(1000):
+        for batch in progress(images.batches(1000), images.count, "writing PNGs"):
             for img in batch:
                 name = f"{i:06d}" + ("" if labels is None else f"_{labels[i]}")
                 Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(Path(png_dir) / f"{name}.png")
@@ -146,23 +190,28 @@ def _pictures(out: Path, labels: np.ndarray | None, png_dir: str | None, grid: s
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="minsnr sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a .pt checkpoint or an exported ema.safetensors")
+    p = argparse.ArgumentParser(prog="minsnr sample", description=__doc__, formatter_class=HelpFormatter)
+    path = os.path.expanduser
+    p.add_argument("checkpoint", type=path, help="a .pt checkpoint or an exported ema.safetensors")
     p.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
                    help="number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)")
-    p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None, help="default: the run's")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's")
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sample.cfg_scale")
-    p.add_argument("--out", default="samples.npz")
-    p.add_argument("--png-dir", default=None, help="also write every image as PNG (name: index_label)")
-    p.add_argument("--grid", default=None, help="also write a grid of the first 100 images")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.npz", type=path, help="output npz (arr_0 images, arr_1 labels)")
+    p.add_argument("--png-dir", default=None, type=path, help="also write every image as PNG (name: index_label)")
+    p.add_argument("--grid", default=None, type=path,
+                   help="also write a picture of the first 10 images of the first 10 classes, one row per class "
+                        "(unconditional: the first 100 images)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA weights; --no-ema: the raw training weights (.pt checkpoints only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the labels and the noise")
     p.add_argument("--batch", type=int, default=250, help="images per forward batch and per chunk file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--latents", default=None, help="latent folder with meta.json (default: the run's data.path)")
-    p.add_argument("--max-chunks", type=int, default=0, help="stop after drawing N chunks (rerun to go on)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--latents", default=None, type=path,
+                   help="latent folder with meta.json (default: the run's data.path)")
+    p.add_argument("--max-chunks", type=int, default=0,
+                   help="stop after drawing N chunks, 0: no limit (rerun to go on)")
     args = p.parse_args(argv)
     if args.num < 1 or args.batch < 1:
         p.error(f"--num {args.num} and --batch {args.batch} must be >= 1")
@@ -173,8 +222,7 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         out = run(args)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        teardown()
     if out is not None:
         print(f"wrote {args.num} images to {out}")
     elif int(os.environ.get("RANK", "0")) == 0:

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 from torch import nn
 
 from minsnr.models.unet import UNet
 from minsnr.models.vit import ViT
+from minsnr.registry import lookup
 
 # name -> (class, preset arguments); `create_model(..., **args)` may override any preset argument.
 MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
@@ -32,11 +33,32 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 
 def create_model(name: str, *, input_size: int, in_channels: int, num_classes: int, **args: Any) -> nn.Module:
     """Build the named backbone; `args` override its preset (e.g. patch_size, dropout, grad_checkpointing)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    cls, preset = MODELS[name]
+    cls, preset = lookup(MODELS, name, "model.name")
     valid = [p for p in inspect.signature(cls).parameters if p not in ("input_size", "in_channels", "num_classes")]
     bad = sorted(set(args) - set(valid))
     if bad:
         raise ValueError(f"model {name!r} has no argument(s) {bad}; valid arguments: {', '.join(valid)}")
     return cls(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **{**preset, **args})
+
+
+def resolved_args(name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset of `name` overridden by `args` (tuples as lists): every architecture argument, so a run's
+    config and checkpoints stay loadable if a preset changes later."""
+    preset = lookup(MODELS, name, "model.name")[1]
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()}, **args}
+
+
+class ModelSpec(Protocol):
+    """What `build_model` reads: the `model` section of a run's config."""
+
+    name: str
+    input_size: int
+    in_channels: int
+    num_classes: int
+    args: dict[str, Any]
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The backbone a config's `model` section describes."""
+    return create_model(spec.name, input_size=spec.input_size, in_channels=spec.in_channels,
+                        num_classes=spec.num_classes, **spec.args)

@@ -19,6 +19,7 @@ import torch
 
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import ConfigError
+from minsnr.evaluate.util import HelpFormatter, check_ema_choice
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
 from minsnr.pareto.compare import compare, cosine_matrix, instability, negative_cosine_fraction
 from minsnr.pareto.gram import (Range, auto_block, equal_ranges, gram_matrix, make_task_batch, sampled_ranges,
@@ -28,12 +29,12 @@ from minsnr.pareto.plots import LABELS, plot_cosines, plot_instability, plot_obj
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="minsnr pareto", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_common_args(p)
-    p.add_argument("--tasks", type=int, default=20, help="number of tasks K (default 20)")
+    p.add_argument("--tasks", type=int, default=20, help="number of tasks K")
     p.add_argument("--sampled", action="store_true", help="K sampled timesteps instead of K equal ranges")
-    p.add_argument("--batch", type=int, default=16, help="images per task, the same for every task (default 16)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="lambda of eq. 11 (default 0: eq. 10)")
+    p.add_argument("--batch", type=int, default=16, help="images per task, the same for every task")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="lambda of eq. 11 (0: eq. 10)")
     p.add_argument("--relative-lambda", action="store_true",
                    help="--lambda in units of the mean squared task-gradient norm trace(G)/K, so it does not "
                         "depend on the scale of the loss")
@@ -41,9 +42,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                              "1 = lowest memory, recomputes gradients")
     p.add_argument("--micro-batch", type=int, help="samples per forward/backward pass (default: a whole task)")
     p.add_argument("--instability", action="store_true", help="also figure 3: UGD weights from few samples")
-    p.add_argument("--sizes", default="1,2,4,8,16", help="samples per task for --instability (default 1,2,4,8,16)")
-    p.add_argument("--repeats", type=int, default=5, help="repeats per size for --instability (default 5)")
+    p.add_argument("--sizes", default="1,2,4,8,16", help="samples per task for --instability")
+    p.add_argument("--repeats", type=int, default=5, help="repeats per size for --instability")
     args = p.parse_args(argv)
+    try:
+        check_ema_choice(args.checkpoint, not args.no_ema)
+    except ValueError as err:
+        p.error(str(err))
     for name in ("tasks", "batch", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

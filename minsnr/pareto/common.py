@@ -8,6 +8,7 @@ overrides change any other data field, e.g. `data.source=npz data.conditional=fa
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from minsnr.checkpoint import load_model
 from minsnr.config import Config, ConfigError, validate
 from minsnr.data import build_dataset
 from minsnr.data.base import ImageDataset
-from minsnr.evaluate.util import resolve_device
+from minsnr.distributed import resolve_device
 from minsnr.schedule import Schedule, make_schedule
 
 
@@ -34,15 +35,17 @@ class Loaded:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a .pt checkpoint or exported .safetensors file")
+    parser.add_argument("checkpoint", type=os.path.expanduser, help="a .pt checkpoint or exported .safetensors file")
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="changes to the checkpoint's data config, e.g. data.source=npz")
-    parser.add_argument("--data", help="data path (sets data.path; the source comes from the checkpoint config)")
+    parser.add_argument("--data", type=os.path.expanduser,
+                        help="data path (sets data.path; the source comes from the checkpoint config)")
     parser.add_argument("--split", default="train", choices=("train", "test"), help="dataset split (default train)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-ema", action="store_true",
+                        help="use the raw weights instead of the EMA weights (.pt checkpoints only)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     parser.add_argument("--seed", type=int, default=0, help="seed of images, timesteps and noise")
-    parser.add_argument("--out", help="output folder (default: next to the checkpoint)")
+    parser.add_argument("--out", type=os.path.expanduser, help="output folder (default: next to the checkpoint)")
 
 
 def with_data_overrides(cfg: Config, data_path: str | None, overrides: list[str]) -> Config:

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import ConfigError
 from minsnr.data import Batches
+from minsnr.evaluate.util import HelpFormatter, check_ema_choice
 from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.pareto.common import Loaded, add_common_args, draw, labels_for, load, out_dir
 from minsnr.pareto.gram import Range, TaskBatch, equal_ranges, make_task_batch, task_losses
@@ -51,7 +53,7 @@ def fine_tune(loaded: Loaded, start: nn.Module, rng: Range, *, steps: int, lr: f
     batches = Batches(loaded.dataset, batch_size, seed=seed)  # the same images for every range
     gen = torch.Generator(device).manual_seed(seed)
     num_classes = getattr(model, "num_classes", 0)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"fine-tuning on t in [{rng[0]}, {rng[1]})", unit="step", dynamic_ncols=True):
         x, y = next(batches)
         x = x.to(device)
         labels = labels_for(model, loaded.dataset, y.to(device))
@@ -82,18 +84,21 @@ def conflict(loaded: Loaded, ranges: list[Range], eval_batch: TaskBatch, *, step
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="minsnr conflict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_common_args(p)
-    p.add_argument("--ranges", default="100:200,200:300,300:400", help="fine-tuning ranges LO:HI,... "
-                                                                      "(default 100:200,200:300,300:400)")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per range (default 200)")
+    p.add_argument("--ranges", default="100:200,200:300,300:400", help="fine-tuning ranges LO:HI,...")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per range")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the run's optim.lr / 10, as a "
                                             "fresh AdamW on EMA weights otherwise takes steps large enough to "
                                             "raise the loss everywhere)")
-    p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size (default 64)")
-    p.add_argument("--bins", type=int, default=10, help="equal timestep bins to measure (default 10)")
-    p.add_argument("--eval-images", type=int, default=64, help="held images per bin (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
+    p.add_argument("--bins", type=int, default=10, help="equal timestep bins to measure")
+    p.add_argument("--eval-images", type=int, default=64, help="held images per bin")
     args = p.parse_args(argv)
+    try:
+        check_ema_choice(args.checkpoint, not args.no_ema)
+    except ValueError as err:
+        p.error(str(err))
     for name in ("steps", "batch_size", "bins", "eval_images"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
