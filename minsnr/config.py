@@ -87,7 +87,11 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"  # one of DEVICES
-    threads: int = 0  # CPU threads for torch ops; 0 keeps torch's default
+    threads: int = 0  # CPU threads for torch ops; 0: torch's default on the CPU, max(1, min(4, cores // 4)) on CUDA
+    data_on_device: Optional[bool] = None  # keep array data (digits, npz) on the device; null: on CUDA when it fits
+    cuda_graph: bool = True  # replay the whole step as one CUDA graph where it applies (CUDA, 1 process, grad_accum 1)
+    compile_mode: str = "default"  # torch.compile mode when compile=true; a key of minsnr.step.COMPILE_MODES
+    attention: str = "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.step.ATTENTION)
     pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
 
 
@@ -241,10 +245,12 @@ def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
     from minsnr.models import MODELS
     from minsnr.sampling import SAMPLERS
     from minsnr.schedule import SCHEDULES
+    from minsnr.step import ATTENTION, COMPILE_MODES
 
     return {"model.name": MODELS, "data.source": SOURCES, "data.crop": CROPS, "schedule.name": SCHEDULES,
             "loss.target": TARGETS, "loss.weighting": STRATEGIES, "loss.timesteps": TIMESTEPS,
-            "train.precision": PRECISIONS, "train.device": DEVICES, "sample.sampler": SAMPLERS}
+            "train.precision": PRECISIONS, "train.device": DEVICES, "train.compile_mode": COMPILE_MODES,
+            "train.attention": ATTENTION, "sample.sampler": SAMPLERS}
 
 
 def validate(cfg: Config) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def ema_copy(model: nn.Module) -> nn.Module:
@@ -19,8 +19,12 @@ def ema_decay(decay: float, warmup: bool, step: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters (one foreach kernel); buffers copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+def update_ema(ema: nn.Module, model: nn.Module, weight: Tensor) -> None:
+    """ema <- ema + weight * (model - ema) for parameters, weight = 1 - decay a 0-dim tensor on their device
+    (three foreach kernels that read the weight on the device, so a captured step sees it change); buffers copied."""
+    e, m = list(ema.parameters()), list(model.parameters())
+    delta = torch._foreach_sub(m, e)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(e, delta)
     for eb, b in zip(ema.buffers(), model.buffers()):
         eb.copy_(b)

@@ -7,7 +7,8 @@ timesteps, noise and label-dropout draws come from a generator seeded by (seed, 
 are drawn for the global batch, each rank taking its interleaved share (the data shards the same
 way), so a run gives the same numbers whatever the number of ranks and continues bit-exactly after a
 resume. Nothing in the step reads a tensor on the host; losses, per-bin MSE and non-finite checks are
-read every log.every steps.
+read every log.every steps. With one process and grad_accum 1 the step runs on static buffers and, on
+CUDA, as one CUDA graph (`minsnr.step`); array data then stays on the GPU (`minsnr.data.device`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from tqdm.auto import tqdm
 
 from minsnr import checkpoint as ck
 from minsnr.config import Config, ConfigError, dump_yaml, to_dict, with_model_args
-from minsnr.data import Batches, build_dataset
+from minsnr.data import build_dataset
+from minsnr.data.device import make_batches
 from minsnr.distributed import setup
 from minsnr.ema import ema_copy, ema_decay, update_ema
 from minsnr.models import build_model
 from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
+from minsnr.step import CPU_ATTENTION, StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
 from minsnr.timesteps import make_timesteps
 
 
@@ -105,17 +108,25 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         self.ema = ema_copy(self.model)
         torch.manual_seed(cfg.train.seed + self.rank)  # each rank its own stream for dropout
-        self.opt = self._optimizer()
-        self.batches = Batches(self.dataset, cfg.train.batch_size, seed=cfg.train.seed, rank=self.rank,
-                               world_size=self.world, num_workers=cfg.data.num_workers,
-                               pin_memory=self.device.type == "cuda")
+        t = cfg.train
+        static, capture, step_note = plan_step(self.device.type, self.world, t.grad_accum, t.cuda_graph, t.compile,
+                                               t.compile_mode)
+        self.opt = self._optimizer(capturable=capture)
+        self.batches, data_note = make_batches(self.dataset, t.batch_size, seed=t.seed, rank=self.rank,
+                                               world_size=self.world, device=self.device,
+                                               num_workers=cfg.data.num_workers, setting=t.data_on_device)
         self.step = 0
         self._resume()
         self.ddp = self._wrap_ddp(self.model)
-        self.net = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.net = torch.compile(self.ddp, mode=t.compile_mode) if t.compile else self.ddp
         self.gen = torch.Generator(device=self.device)  # reseeded from (seed, step, micro) every micro-step
         self.stats = BinStats(cfg.schedule.num_timesteps, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.done = torch.full((), self.step, dtype=torch.long, device=self.device)  # steps taken, for the flag
+        self.ema_weight = torch.zeros((), device=self.device)  # 1 - EMA decay of the coming step
+        self.static = StaticStep(self._static_body, self._zero_grad, capture=capture, device=self.device,
+                                 log=self._print) if static else None
+        self._print(f"speed: {data_note}; {step_note}; {self.threads_note}")
         self.stop_requested = False
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -125,14 +136,21 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if self.cfg.train.threads > 0:
-            torch.set_num_threads(self.cfg.train.threads)
+        self.threads_note = configure_threads(self.cfg.train.threads, self.device.type)
+        if self.device.type != "cuda" and self.cfg.train.attention not in CPU_ATTENTION:
+            raise ConfigError(f"train.attention={self.cfg.train.attention} needs a CUDA device; on the CPU use one "
+                              f"of {', '.join(CPU_ATTENTION)}")
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW (section 4.1), fused on CUDA, foreach on the CPU."""
+    def _optimizer(self, capturable: bool) -> torch.optim.Optimizer:
+        """AdamW (section 4.1): fused on CUDA with the learning rate in a device tensor (capturable when the
+        step is captured), foreach on the CPU; checkpoints stay portable between the two (`keep_run_settings`)."""
         o, cuda = self.cfg.optim, self.device.type == "cuda"
-        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),  # type: ignore[arg-type]
-                                 eps=o.eps, weight_decay=o.weight_decay, fused=cuda, foreach=not cuda)
+        lr = torch.tensor(o.lr, device=self.device) if cuda else o.lr
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas),  # type: ignore[arg-type]
+                                eps=o.eps, weight_decay=o.weight_decay, fused=cuda, foreach=not cuda,
+                                capturable=capturable)
+        keep_run_settings(opt)
+        return opt
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
@@ -188,28 +206,54 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimiser step: grad_accum micro-batches of the weighted loss (eq. 5, weight of section
-        3.4), gradient clipping, AdamW, then the EMA update. No host sync."""
+        3.4), gradient clipping, AdamW, then the EMA update. No host sync. With one process and
+        grad_accum 1, the static step (`minsnr.step`) runs the same body on static buffers."""
         cfg, accum = self.cfg, self.cfg.train.grad_accum
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr()
-        for micro in range(accum):
-            x, y, t, noise = self._micro_batch(micro)
-            last = micro == accum - 1
-            sync = self.ddp.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()  # type: ignore[operator]
-            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out = diffusion_loss(self.net, x, y, self.schedule, target=cfg.loss.target,
-                                     weighting=cfg.loss.weighting, gamma=cfg.loss.gamma, t=t, noise=noise,
-                                     timesteps=self.timesteps)
-                (out.loss / accum).backward()
-            self.stats.add(out.t, out.mse_x0, out.loss)
-            self._flag_nonfinite(out.loss)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        self.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self._flag_nonfinite(self.grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        set_lr(self.opt, self._lr())
+        self.ema_weight.fill_(1.0 - ema_decay(cfg.ema.decay, cfg.ema.warmup, self.step + 1))
+        if self.static is not None:
+            self.grad_norm = self.static(*self._micro_batch(0))
+        else:
+            for micro in range(accum):
+                x, y, t, noise = self._micro_batch(micro)
+                last = micro == accum - 1
+                sync = self.ddp.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()  # type: ignore[operator]
+                with sync:
+                    self._forward_backward(x, y, t, noise, accum)
+            self.grad_norm = self._update()
+            self._zero_grad()
         self.step += 1
-        update_ema(self.ema, self.model, ema_decay(cfg.ema.decay, cfg.ema.warmup, self.step))
+
+    def _forward_backward(self, x: Tensor, y: Optional[Tensor], t: Tensor, noise: Tensor, accum: int,
+                          cache: bool = True) -> None:
+        """Backward of one micro-batch's weighted loss / accum; bin statistics and the non-finite flag."""
+        cfg = self.cfg
+        with attention(cfg.train.attention), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
+                                                            cache_enabled=cache):
+            out = diffusion_loss(self.net, x, y, self.schedule, target=cfg.loss.target, weighting=cfg.loss.weighting,
+                                 gamma=cfg.loss.gamma, t=t, noise=noise, timesteps=self.timesteps)
+            (out.loss / accum).backward()
+        self.stats.add(out.t, out.mse_x0, out.loss)
+        self._flag_nonfinite(out.loss)
+
+    def _update(self) -> Tensor:
+        """Clipping, AdamW and the EMA update (weight `ema_weight`); returns the gradient norm before clipping."""
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._flag_nonfinite(grad_norm)
+        self.opt.step()
+        self.done.add_(1)
+        update_ema(self.ema, self.model, self.ema_weight)
+        return grad_norm
+
+    def _static_body(self, x: Tensor, y: Optional[Tensor], t: Tensor, noise: Tensor) -> Tensor:
+        """The whole step on static buffers; captured as a CUDA graph (autocast's cast cache off, as
+        capture needs)."""
+        self._forward_backward(x, y, t, noise, 1, cache=False)
+        return self._update()
+
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
 
     def _micro_batch(self, micro: int) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
         """(x0, labels after dropout or None, t, noise) of this rank. The randomness is drawn for the
@@ -227,8 +271,9 @@ class Trainer:
         return x, y, t, noise
 
     def _flag_nonfinite(self, value: torch.Tensor) -> None:
+        """first_bad <- the number of the step being taken, at its first NaN/inf (in place: graph-safe)."""
         bad = ~torch.isfinite(value.detach()) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step + 1), self.first_bad)
+        self.first_bad.copy_(torch.where(bad, self.done + 1, self.first_bad))
 
     def check_finite(self) -> None:
         """Host sync: stop if any step since the last check saw a NaN/inf loss or gradient."""

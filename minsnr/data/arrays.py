@@ -48,10 +48,14 @@ class ArrayDataset(ImageDataset):
     def get_batch(self, keys: Sequence[Key]) -> Fetched:
         index, aug = zip(*map(split_key, keys))
         idx = torch.tensor(index, dtype=torch.long)
-        x = to_float(self.images[idx], self.levels)
-        flip = torch.from_numpy(flips(aug, self.hflip))
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, self.labels[idx], []
+        return to_batch(self.images[idx], torch.from_numpy(flips(aug, self.hflip)), self.levels), self.labels[idx], []
+
+
+def to_batch(images: torch.Tensor, flip: torch.Tensor, levels: float) -> torch.Tensor:
+    """uint8 [B, H, W, C] with values 0..levels and bool [B] -> float32 [B, C, H, W] in [-1, 1], mirrored
+    where `flip`; on the images' device (the loader's and the device-resident path share these ops)."""
+    x = to_float(images, levels)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def load_digits(split: str = "train", **options: object) -> ArrayDataset:

@@ -69,12 +69,22 @@ class Sharding:
         """Batches per epoch on each rank."""
         return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
 
-    def keys(self, epoch: int) -> list[Key]:
-        """This rank's keys for `epoch`, in order."""
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (image indices, aug_seeds) for `epoch`, in order: int64 arrays of length per_rank."""
         perm, aug = epoch_order(self.n, self.seed, epoch)
         order = np.resize(perm, self.per_rank * self.world_size)  # cut (drop_last) or wrap around (pad)
         mine = order[self.rank::self.world_size]
-        return list(zip(mine.tolist(), aug[mine].tolist()))
+        return mine, aug[mine]
+
+    def keys(self, epoch: int) -> list[Key]:
+        """This rank's keys for `epoch`, in order."""
+        index, aug = self.order(epoch)
+        return list(zip(index.tolist(), aug.tolist()))
+
+    def check_state(self, state: dict[str, int]) -> None:
+        if not 0 <= state["batch"] < self.batches:
+            raise ValueError(f"data state batch={state['batch']} is outside this epoch's {self.batches} "
+                             "batches; was batch_size or the number of ranks changed?")
 
     def jobs(self, epoch: int, batch: int) -> Iterator[Job]:
         """Batches from (epoch, batch) on, forever."""
@@ -85,24 +95,31 @@ class Sharding:
             epoch, batch = epoch + 1, 0
 
 
+def make_sharding(n: int, batch_size: int, seed: int, rank: int, world_size: int, drop_last: bool) -> Sharding:
+    """A checked `Sharding`: a valid rank and at least one full batch per epoch on each rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if batch_size <= 0 or seed < 0:
+        raise ValueError(f"need batch_size > 0, seed >= 0; got {batch_size}, {seed}")
+    sharding = Sharding(n, seed, rank, world_size, batch_size, drop_last)
+    if sharding.batches == 0:
+        raise ValueError(f"{n} items over {world_size} rank(s) give no full batch of {batch_size}; "
+                         "lower train.batch_size or use more data")
+    return sharding
+
+
 class Batches:
     """Infinite iterator of (x [B, C, H, W], labels [B]) over epochs; see the module docstring."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, drop_last: bool = True, pin_memory: bool = False,
                  max_bad_fraction: Optional[float] = None) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if batch_size <= 0 or num_workers < 0 or seed < 0:
-            raise ValueError(f"need batch_size > 0, num_workers >= 0, seed >= 0; "
-                             f"got {batch_size}, {num_workers}, {seed}")
+        if num_workers < 0:
+            raise ValueError(f"need num_workers >= 0; got {num_workers}")
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
-        self.sharding = Sharding(len(dataset), seed, rank, world_size, batch_size, drop_last)
+        self.sharding = make_sharding(len(dataset), batch_size, seed, rank, world_size, drop_last)
         self.max_bad_fraction = dataset.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
         self.per_rank, self.batches_per_epoch = self.sharding.per_rank, self.sharding.batches
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} items over {world_size} rank(s) give no full batch of {batch_size}; "
-                             "lower train.batch_size or use more data")
         self._epoch, self._batch = 0, 0
         self._it: Optional[Iterator[Any]] = None
         self.bad_files: dict[str, str] = {}  # every unreadable file this rank met: path -> error
@@ -157,9 +174,7 @@ class Batches:
         return {"epoch": self._epoch, "batch": self._batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if not 0 <= state["batch"] < self.batches_per_epoch:
-            raise ValueError(f"data state batch={state['batch']} is outside this epoch's {self.batches_per_epoch} "
-                             "batches; was batch_size or the number of ranks changed?")
+        self.sharding.check_state(state)
         self.close()
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
         self.epoch_bad = set()

@@ -85,9 +85,10 @@ def empty_batch(*shape: int) -> torch.Tensor:
 
 
 def to_float(x: torch.Tensor, levels: float = 255.0) -> torch.Tensor:
-    """uint8 [B, H, W, C] with values 0..levels -> float32 [B, C, H, W] in [-1, 1]."""
+    """uint8 [B, H, W, C] with values 0..levels -> float32 [B, C, H, W] in [-1, 1], on x's device."""
     b, h, w, c = x.shape
-    out = empty_batch(b, c, h, w).copy_(x.permute(0, 3, 1, 2))  # one strided pass, then contiguous ones
+    out = empty_batch(b, c, h, w) if x.device.type == "cpu" else torch.empty((b, c, h, w), device=x.device)
+    out.copy_(x.permute(0, 3, 1, 2))  # one strided pass, then contiguous ones
     return out.mul_(2.0 / levels).sub_(1.0)
 
 

@@ -1,0 +1,118 @@
+"""Array data resident on the training device: `DeviceBatches` yields the batches `Batches` yields.
+
+For an `ArrayDataset` (digits, npz) the uint8 images and the labels are uploaded once. Each batch is
+gathered, scaled to [-1, 1] and mirrored on the device by the host path's own ops (`arrays.to_batch`),
+from this rank's keys of `Sharding.order` (their index and flip tensors are uploaded once per epoch). So
+the batches are bit-identical to the host loader's for any number of ranks, the state_dict is the same
+({"epoch", "batch"}: a run may switch paths and resume), and `next` never waits for the device.
+
+Latent folders stay on the host loader: each item's posterior sample is drawn by a CPU generator seeded
+by its aug_seed, which no device generator reproduces, and the large latent models are compute-bound
+with the loader's workers keeping up.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from minsnr.data.arrays import ArrayDataset, to_batch
+from minsnr.data.base import ImageDataset
+from minsnr.data.loader import Batches, make_sharding
+
+FIT_FRACTION = 0.25  # auto: keep the data on the GPU when it takes at most this share of free memory
+
+
+class DeviceBatches:
+    """Infinite iterator of (x [B, C, H, W] float32, labels [B] int64) on `device`; the interface of `Batches`."""
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, *, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True) -> None:
+        self.sharding = make_sharding(len(dataset), batch_size, seed, rank, world_size, drop_last)
+        self.per_rank, self.batches_per_epoch = self.sharding.per_rank, self.sharding.batches
+        self.device, self.levels = device, dataset.levels
+        self.images = dataset.images.to(device)  # uint8 [N, H, W, C]
+        self.labels = dataset.labels.to(device)
+        self.hflip = dataset.hflip
+        self.bad_files: dict[str, str] = {}  # arrays have no unreadable files; kept for the Batches interface
+        self._epoch, self._batch = 0, 0
+        self._order: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None  # (epoch, index, flip) on device
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._epoch
+
+    def _upload(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._order is None or self._order[0] != epoch:
+            index, aug = self.sharding.order(epoch)
+            flip = (aug & 1).astype(bool) & self.hflip  # bit 0 of aug_seed, as `transforms.flips`
+            pin = self.device.type == "cuda"
+            host = [torch.from_numpy(a) for a in (index, flip)]
+            host = [t.pin_memory() if pin else t for t in host]  # pinned: the copy does not wait for the device
+            self._order = (epoch, *(t.to(self.device, non_blocking=pin) for t in host))
+        return self._order[1], self._order[2]
+
+    def __iter__(self) -> "DeviceBatches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index, flip = self._upload(self._epoch)
+        lo = self._batch * self.sharding.batch_size
+        idx, f = index[lo:lo + self.sharding.batch_size], flip[lo:lo + self.sharding.batch_size]
+        x, y = to_batch(self.images[idx], f, self.levels), self.labels[idx]
+        self._batch += 1
+        if self._batch == self.batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        return x, y
+
+    def state_dict(self) -> dict[str, int]:
+        """Position of the next batch, as `Batches.state_dict`."""
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sharding.check_state(state)
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
+    def close(self) -> None:
+        """Nothing to stop (no workers); for the `Batches` interface."""
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+def choose_path(setting: Optional[bool], dataset: ImageDataset, device: torch.device,
+                free_bytes: Optional[int] = None) -> tuple[bool, str]:
+    """(keep the data on `device`?, why) for train.data_on_device = `setting` (None: auto).
+
+    Auto keeps array data on a CUDA device when it takes at most FIT_FRACTION of the free memory
+    (`free_bytes`, read from the device when None); explicit true/false is obeyed for array data."""
+    if not isinstance(dataset, ArrayDataset):
+        if setting:
+            raise ValueError(f"train.data_on_device=true needs array data (data.source digits or npz); "
+                             f"{type(dataset).__name__} is read by the host loader: set train.data_on_device=null")
+        return False, f"{type(dataset).__name__} is read by the host loader"
+    size = dataset.images.nbytes + dataset.labels.nbytes
+    if setting is not None:
+        return setting, f"train.data_on_device={str(setting).lower()}"
+    if device.type != "cuda":
+        return False, f"auto on {device.type}: the host loader"
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    share = f"{size / 2**20:.0f} MiB = {100 * size / max(free, 1):.1f}% of {free / 2**30:.1f} GiB free"
+    if size > FIT_FRACTION * free:
+        return False, f"{share}, over {FIT_FRACTION:.0%}: the host loader"
+    return True, share
+
+
+def make_batches(dataset: ImageDataset, batch_size: int, *, seed: int, rank: int, world_size: int,
+                 device: torch.device, num_workers: int, setting: Optional[bool]) -> tuple[Union[Batches, DeviceBatches], str]:
+    """The training batch iterator (device-resident or host loader) and one log phrase saying which and why."""
+    on_device, why = choose_path(setting, dataset, device)
+    if on_device:
+        assert isinstance(dataset, ArrayDataset)
+        unused = f"; data.num_workers={num_workers} unused" if num_workers else ""
+        return (DeviceBatches(dataset, batch_size, seed=seed, device=device, rank=rank, world_size=world_size),
+                f"data on {device.type} ({why}{unused})")
+    return (Batches(dataset, batch_size, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+                    pin_memory=device.type == "cuda"), f"data from the host loader ({why})")
