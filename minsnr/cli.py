@@ -34,5 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"minsnr: unknown verb {verb!r}; valid verbs: {', '.join(VERBS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+    except ImportError as err:  # e.g. an extra the verb needs (minsnr.extras.MissingExtra)
+        print(f"minsnr {verb}: error: {err}", file=sys.stderr)
+        return 1
     return int(module.main(rest) or 0)

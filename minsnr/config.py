@@ -161,14 +161,32 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad value for {key!r}: {msg}")
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel (package data)
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with minsnr, by name: {'quickstart': .../minsnr/configs/quickstart.yaml, ...}."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A YAML file (`~` expanded), or the bare name of a packaged config ('quickstart'); an existing file wins."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    packaged = packaged_configs()
+    if p.suffix == "" and len(p.parts) == 1 and p.name in packaged:
+        return packaged[p.name]
+    what = "is a folder, not a YAML file" if p.is_dir() else "not found"
+    raise ConfigError(f"config file {p} {what}; give a YAML path or a packaged config name: {', '.join(packaged)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; typed and validated, `~` expanded in paths, and
-    model.args completed with the model's preset (see `with_model_args`)."""
+    """Defaults <- YAML file (a path, or a packaged config's name) <- `key=value` overrides; typed and validated,
+    `~` expanded in paths, and model.args completed with the model's preset (see `with_model_args`)."""
     base = OmegaConf.structured(Config)
     if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config(path)
         try:
             base = OmegaConf.merge(base, OmegaConf.load(p))
         except OmegaConfBaseException as err:
@@ -305,8 +323,8 @@ def update_readme(path: str | Path) -> bool:
     return new != text
 
 
-__all__ = ["Config", "ConfigError", "load_config", "validate", "with_model_args", "choices", "choices_table",
-           "to_dict", "from_dict", "dump_yaml", "DictConfig"]
+__all__ = ["Config", "ConfigError", "load_config", "packaged_configs", "resolve_config", "validate", "with_model_args",
+           "choices", "choices_table", "to_dict", "from_dict", "dump_yaml", "DictConfig"]
 
 if __name__ == "__main__":
     import sys

@@ -15,10 +15,11 @@ from typing import Any, Callable
 import numpy as np
 
 from minsnr.checkpoint import CheckpointError, WriteError
-from minsnr.config import Config, ConfigError, load_config
+from minsnr.config import Config, ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
 from minsnr.distributed import teardown
-from minsnr.evaluate.util import log_through_progress_bars
+from minsnr.evaluate.util import HelpFormatter, log_through_progress_bars
+from minsnr.extras import MissingExtra, optional
 from minsnr.resume import describe_last_good
 from minsnr.train import Hook, HookContext, NonFiniteLoss, train
 
@@ -49,7 +50,9 @@ def make_preview_hook(cfg: Config) -> Callable[[HookContext], None]:
 def build_hooks(cfg: Config) -> tuple[Hook, ...]:
     """The periodic work of `minsnr train`. log.preview_every=0 turns off the periodic previews but not the
     final samples.png: a hook due every train.steps steps runs once, after the last step."""
-    hooks = [Hook(cfg.log.preview_every or cfg.train.steps, make_preview_hook(cfg))]
+    hooks = []
+    if cfg.data.source != "latent" or optional("diffusers", "no previews or samples.png (they decode latents with the SD-VAE)"):
+        hooks.append(Hook(cfg.log.preview_every or cfg.train.steps, make_preview_hook(cfg)))
     if cfg.log.eval_every > 0:
         from minsnr.evaluate.periodic import make_eval_hook
 
@@ -62,18 +65,26 @@ def build_hooks(cfg: Config) -> tuple[Hook, ...]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="minsnr train", description="Train a diffusion model.",
+    parser = argparse.ArgumentParser(prog="minsnr train", description="Train a diffusion model.", formatter_class=HelpFormatter,
                                      epilog="Overrides are dotted keys, e.g. loss.weighting=min_snr train.steps=1000; "
                                             "see README.md for every key.")
-    parser.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    parser.add_argument("config", nargs="?", help="YAML file (configs/quickstart.yaml) or a packaged config's name (quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--list", action="store_true", help="list the packaged configs and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, path in packaged_configs().items():  # each with the first sentence of its header comment
+            header = " ".join(ln.lstrip("# ") for ln in path.read_text().splitlines() if ln.startswith("#"))
+            print(f"{name:<26} {header.split('. ')[0]}")
+        return 0
+    if args.config is None:
+        parser.error("a config is required: a YAML file or a packaged name (minsnr train --list)")
     log_through_progress_bars()  # a skipped-file warning on its own line, not glued to the progress bar
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))
-    except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError, MissingExtra) as err:
         print(f"minsnr train: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except OSError as err:  # disk full, no permission ...: say which file, and what is safe

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from minsnr.checkpoint import WriteError, atomic_write
+from minsnr.extras import optional
 
 NUM_BINS = 10
 
@@ -90,10 +91,9 @@ class MetricsLog:
             if text != self.path.read_text():
                 atomic_write(self.path, lambda f: f.write(text.encode()))
         self.writer: Any = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        tb = optional("torch.utils.tensorboard", "logging to metrics.jsonl only") if tensorboard else None
+        if tb is not None:
+            self.writer = tb.SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         try:

@@ -1,4 +1,5 @@
-"""Every shipped config loads, validates and builds its model (on the meta device: no memory)."""
+"""Every shipped config loads, validates and builds its model (on the meta device: no memory); packaged
+configs are found by name."""
 
 from pathlib import Path
 
@@ -6,10 +7,13 @@ import pytest
 import torch
 
 from minsnr.models import build_model
-from minsnr.config import CHOICES_END, CHOICES_START, Config, ConfigError, choices_table, load_config, with_model_args
+from minsnr.config import (CHOICES_END, CHOICES_START, PACKAGED_CONFIGS, Config, ConfigError, choices_table, load_config,
+                           packaged_configs, resolve_config, with_model_args)
+from minsnr.launch import main as train_main
 from minsnr.models import MODELS
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "minsnr" / "configs").glob("*.yaml"))
 # paper table 6 and appendix C.1/C.2 settings each config must keep
 PAPER = {
     "celeba64_vit_s": dict(name="vit_s", steps=500_000, warmup=5000, betas=[0.99, 0.99], classes=0),
@@ -99,3 +103,51 @@ def test_readme_choices_table_is_generated_from_the_registries():
     from minsnr.sampling import SAMPLERS
 
     assert f"| `sample.sampler` | {', '.join(f'`{s}`' for s in SAMPLERS)} |" in block
+
+
+def test_repo_configs_folder_is_the_packaged_one():
+    assert PACKAGED_CONFIGS.resolve() == (ROOT / "minsnr" / "configs").resolve()
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.yaml")) == [p.name for p in CONFIGS]
+    assert (ROOT / "configs" / "quickstart.yaml").resolve() == (PACKAGED_CONFIGS / "quickstart.yaml").resolve()
+
+
+def test_packaged_config_is_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: only the package can supply the file
+    assert set(packaged_configs()) == {p.stem for p in CONFIGS}
+    assert resolve_config("quickstart") == PACKAGED_CONFIGS / "quickstart.yaml"
+    by_name = load_config("quickstart", ["train.steps=7"])
+    assert by_name == load_config(PACKAGED_CONFIGS / "quickstart.yaml", ["train.steps=7"])
+    assert by_name.model.args["width"] == 64 and by_name.train.steps == 7
+
+
+def test_an_existing_file_wins_over_a_packaged_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("quickstart").write_text("train: {steps: 3}\n")
+    assert resolve_config("quickstart") == Path("quickstart")
+    assert load_config("quickstart").train.steps == 3
+
+
+@pytest.mark.parametrize("arg", ["no_such_config", "quickstart.yaml", "elsewhere/quickstart"])
+def test_unknown_config_lists_the_packaged_names(tmp_path, monkeypatch, arg):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="not found") as err:
+        load_config(arg)
+    assert arg in str(err.value) and all(name in str(err.value) for name in packaged_configs())
+
+
+def test_a_folder_is_not_a_config(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_train_list_prints_every_packaged_config(capsys):
+    assert train_main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(p.stem for p in CONFIGS)
+    assert "8x8 handwritten digits" in [line for line in lines if line.startswith("quickstart ")][0]
+
+
+def test_train_without_config_says_how_to_list(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_main([])
+    assert exit_.value.code == 2 and "minsnr train --list" in capsys.readouterr().err

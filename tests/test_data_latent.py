@@ -126,6 +126,6 @@ def test_build_dataset_latent_source(setup: tuple[Path, Path], tmp_path: Path) -
 
 def test_missing_diffusers_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    with pytest.raises(ImportError, match=r"pip install minsnr\[latent\]"):
+    with pytest.raises(ImportError, match=r"pip install 'minsnr\[latent\]'"):
         load_vae("stabilityai/sd-vae-ft-mse")
 

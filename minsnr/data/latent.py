@@ -33,6 +33,7 @@ from minsnr.data.base import BadImagesError, Fetched, ImageDataset, bad_images_m
 from minsnr.data.loader import BatchFetch, keep_batch
 from minsnr.data.transforms import CROPS, Key, empty_batch, flips, split_key
 from minsnr.distributed import barrier, setup, teardown
+from minsnr.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,7 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
 
 def _diffusers() -> Any:
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError("the latent path needs diffusers: pip install minsnr[latent]") from None
-    return diffusers
+    return require("diffusers", "the SD-VAE of the latent path")
 
 
 def load_vae(name_or_path: str, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from minsnr.config import Config
 from minsnr.distributed import resolve_device
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice, run_verb
+from minsnr.extras import require
 from minsnr.objective import diffusion_loss
 from minsnr.schedule import make_schedule
 
@@ -158,6 +159,7 @@ def main(argv: list[str]) -> int:
 def _losses(a: argparse.Namespace) -> int:
     from minsnr.checkpoint import load_model
 
+    require("matplotlib", "the figure of minsnr losses")
     for ckpt in a.checkpoints:
         check_ema_choice(ckpt, a.ema)
     device = resolve_device(a.device)

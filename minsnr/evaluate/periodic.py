@@ -24,6 +24,7 @@ from minsnr.evaluate.fid import cached_stats, compute_stats, file_tag, inception
 from minsnr.evaluate.frechet import frechet_distance
 from minsnr.evaluate.images import to_uint8
 from minsnr.evaluate.sample import balanced_labels, chunk_seed, sample_images
+from minsnr.extras import require
 
 MAX_REFERENCE = 50_000
 
@@ -74,6 +75,8 @@ def make_eval_hook(cfg: Config) -> Callable[[Any], dict[str, float]]:
                          "`minsnr sample` + `minsnr fid` on their checkpoints")
     if cfg.log.eval_num < 2:
         raise ValueError(f"log.eval_num={cfg.log.eval_num} must be >= 2")
+    if not cfg.log.eval_classifier:  # before training, not at the first evaluation
+        require("torch_fidelity", "the Inception FID of log.eval_every; or set log.eval_classifier")
     scorer: list[Callable[[list[np.ndarray], np.ndarray | None], dict[str, float]]] = []
 
     def hook(ctx: Any) -> dict[str, float]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from minsnr.evaluate.util import HelpFormatter, run_verb
+from minsnr.extras import require
 from minsnr.runlog import read_records
 
 
@@ -122,6 +123,7 @@ def main(argv: list[str]) -> int:
 
 
 def _plot(a: argparse.Namespace) -> int:
+    require("matplotlib", "minsnr plot")
     result = compare(a.run_dirs, a.metric or pick_metric(a.run_dirs), a.threshold)
     print(table(result))
     out = Path(a.out)
