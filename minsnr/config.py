@@ -46,7 +46,7 @@ class ScheduleConfig:
 @dataclass
 class LossConfig:
     target: str = "x0"  # x0 | eps | v
-    weighting: str = "min_snr"  # const | snr | max_snr | min_snr | soft_min_snr
+    weighting: str = "min_snr"  # const | snr | max_snr | min_snr | soft_min_snr | plain
     gamma: Optional[float] = None  # None: the strategy's default (min_snr 5, max_snr 1)
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
 
@@ -175,10 +175,10 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from minsnr.weighting import STRATEGIES, TARGETS
+    from minsnr.weighting import NAMES, TARGETS
 
     _choice("loss.target", cfg.loss.target, TARGETS)
-    _choice("loss.weighting", cfg.loss.weighting, tuple(STRATEGIES))
+    _choice("loss.weighting", cfg.loss.weighting, NAMES)
     _choice("schedule.name", cfg.schedule.name, ("cosine", "linear"))
     _choice("data.source", cfg.data.source, ("digits", "npz", "folder", "latent"))
     _choice("data.crop", cfg.data.crop, ("none", "adm", "celeba"))

@@ -6,6 +6,8 @@ Strategies are named by their weight on the x0-space MSE:
     max_snr       max(SNR, gamma)           truncated SNR of Salimans & Ho, default gamma 1
     min_snr       min(SNR, gamma)           Min-SNR-gamma, the paper's proposal, default gamma 5
     soft_min_snr  1 / (1/SNR + 1/gamma)     a smooth min, default gamma 5
+    plain         1, SNR, SNR + 1           weight 1 in the target's own space (x0, eps, v): the plain MSE
+                                            of that target, the paper's baseline for v (section 4.2)
 or any callable snr -> x0-space weight.
 
 Appendix B: ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2,
@@ -40,6 +42,8 @@ STRATEGIES: dict[str, tuple[Callable[[Tensor, float], Tensor], float | None]] = 
     "min_snr": (lambda snr, g: snr.clamp(max=g), 5.0),
     "soft_min_snr": (lambda snr, g: snr * g / (snr + g), 5.0),
 }
+PLAIN = "plain"  # not in STRATEGIES: its x0-space weight depends on the target
+NAMES = (*STRATEGIES, PLAIN)
 
 
 def _prepare(snr: Tensor) -> Tensor:
@@ -47,11 +51,13 @@ def _prepare(snr: Tensor) -> Tensor:
     return snr.to(dtype).clamp(SNR_FLOOR, SNR_CEIL)
 
 
-def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None) -> Tensor:
+def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None, target: str) -> Tensor:
     if callable(strategy):
         return strategy(snr).to(snr.dtype)
+    if strategy == PLAIN:  # appendix B: ||eps||^2 = SNR ||x0||^2, ||v||^2 = (SNR + 1) ||x0||^2
+        return torch.ones_like(snr) if target == "x0" else snr if target == "eps" else snr + 1
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown weighting {strategy!r}; valid names: {', '.join(STRATEGIES)} or a callable")
+        raise ValueError(f"unknown weighting {strategy!r}; valid names: {', '.join(NAMES)} or a callable")
     fn, default_gamma = STRATEGIES[strategy]
     g = default_gamma if gamma is None else gamma
     if g is not None and not g > 0:
@@ -59,9 +65,11 @@ def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None) -> Tensor:
     return fn(snr, g)  # type: ignore[arg-type]
 
 
-def x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None) -> Tensor:
-    """The strategy's weight on the x0-space MSE (section 3.4)."""
-    return _x0_weight(_prepare(snr), strategy, gamma)
+def x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, target: str = "x0") -> Tensor:
+    """The strategy's weight on the x0-space MSE (section 3.4); `target` matters only for "plain"."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
+    return _x0_weight(_prepare(snr), strategy, gamma, target)
 
 
 def loss_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, target: str = "x0") -> Tensor:
@@ -69,7 +77,9 @@ def loss_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, tar
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
     s = _prepare(snr)
-    w = _x0_weight(s, strategy, gamma)
+    if strategy == PLAIN:
+        return torch.ones_like(s)  # exactly 1, not SNR / SNR
+    w = _x0_weight(s, strategy, gamma, target)
     if target == "eps":
         return w / s
     if target == "v":
