@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--classifier", help="auto (train on the config's data, cached in RUN_DIR), a classifier file "
                                         "from `minsnr train-classifier`, or inception (standard FID)")
     p.add_argument("--classifier-epochs", type=int, help="epochs of the auto classifier (default 8)")
+    p.add_argument("--bin-images", type=int, help="held-out images for the final per-bin x0 MSE (default 1000)")
     p.add_argument("--jobs", type=int, help="runs at a time (default: one per CPU core; on a GPU, all)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin each concurrent run to its own CPU cores (default: on)")
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
         flags = {"train.steps": a.steps, "log.eval_every": a.eval_every, "log.eval_num": a.eval_num}
         overrides = [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
         base = load_config(path, overrides)
-        for name in ("targets", "weightings", "classifier", "classifier_epochs", "jobs", "pin"):
+        for name in ("targets", "weightings", "classifier", "classifier_epochs", "bin_images", "jobs", "pin"):
             if getattr(a, name) is not None:
                 setattr(settings, name, getattr(a, name))
         if settings.jobs < 0:
