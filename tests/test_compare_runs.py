@@ -155,6 +155,9 @@ def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classi
     out = capsys.readouterr().out
     assert "x0_max_snr_g3e+38: diverged earlier" in out and "x0_const: finished earlier" in out
     assert "started" not in out
+    assert cli.main([*args, "--report-only"]) == 0 and "diverged at 1" in capsys.readouterr().out
+    assert cli.main([*args, f"run_dir={tmp_path / 'none'}", "--report-only"]) == 2
+    assert "nothing to report" in capsys.readouterr().err
     assert cli.main([*args, "optim.lr=0.5"]) == 2
     assert "optim.lr: 0.001 -> 0.5" in capsys.readouterr().err
     assert cli.main([*args, "train.steps=2"]) == 2

@@ -64,6 +64,9 @@ def main(argv: list[str]) -> int:
 
         code, _ = compare(base, settings, report_only=a.report_only)
         return code
+    except KeyboardInterrupt:
+        print("minsnr compare: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
     except ConfigError as err:
         print(f"minsnr compare: error: {err}", file=sys.stderr)
         return 2

@@ -116,6 +116,7 @@ def _launch(spec: RunSpec, config_path: Path, cores: list[int], pin: bool, threa
     cmd = [sys.executable, "-m", "minsnr.compare.worker", str(config_path), "--bin-images", str(bin_images)]
     if pin:
         cmd += ["--cpus", ",".join(map(str, cores))]
+    (config_path.parent / STATUS).unlink(missing_ok=True)  # a stale status must not outlive this attempt
     log = (config_path.parent / "compare.log").open("a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return Job(spec, config_path, proc, log, cores, time.perf_counter())
@@ -158,8 +159,8 @@ def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: 
                 job.log.close()
                 del running[slot]
                 free.append(slot)
-                status = read_json(job.config_path.parent / STATUS) or {"state": "failed", "step": None,
-                                                                         "message": "no status written"}
+                status = read_json(job.config_path.parent / STATUS) or {
+                    "state": "failed", "step": None, "message": f"exit code {job.proc.returncode}, no status written"}
                 took = time.perf_counter() - job.start
                 extra = f" at step {status['step']}" if status["step"] is not None else ""
                 msg = f": {status['message']} (log: {job.config_path.parent / 'compare.log'})" \
@@ -211,32 +212,43 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     or diverged (divergence is a result), 1 a run failed, 130 interrupted."""
     import torch
 
-    from minsnr.compare import report as rep
     from minsnr.compare.classifier import ensure_classifier
 
     check_base(base)
     run_dir = Path(base.run_dir)
+    metric = "fid" if settings.classifier == "inception" else "fid_cls"
+    if report_only:
+        state = read_json(run_dir / STATE)
+        if state is None:
+            raise ConfigError(f"{run_dir / STATE} not found: nothing to report (run without --report-only first)")
+        return _report(run_dir, run_matrix(settings, base.loss.gamma), state, metric), state["report"]
     run_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = base.train.device != "cpu" and torch.cuda.is_available()
     cores = sorted(os.sched_getaffinity(0))
-    classifier = ensure_classifier(base, settings, run_dir, "cuda" if on_gpu else "cpu")
     state = load_state(run_dir, base, settings.classifier)
+    classifier = ensure_classifier(base, settings, run_dir, "cuda" if on_gpu else "cpu")
     n_runs = len(run_matrix(settings, base.loss.gamma))
     jobs = settings.jobs or (n_runs if on_gpu else min(n_runs, len(cores)))
-    threads = base.train.threads or len(slots(jobs, cores)[0])
+    threads = base.train.threads or len(slots(jobs, cores)[0])  # fixed per comparison: results depend on it
     specs, todo = prepare_runs(base, settings, run_dir, classifier, threads, state)
     write_json(run_dir / STATE, state)
     finished = True
-    if todo and not report_only:
+    if todo:
         print(f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
               f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in RUN/compare.log")
         finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
-    result = rep.build(run_dir, specs, state, metric="fid" if classifier is None else "fid_cls")
+    code = _report(run_dir, specs, state, metric)
+    return (130 if not finished else code), state["report"]
+
+
+def _report(run_dir: Path, specs: list[RunSpec], state: dict[str, Any], metric: str) -> int:
+    """Build, store (compare.json), plot and print the report; -> 1 if a run failed, else 0."""
+    from minsnr.compare import report as rep
+
+    result = rep.build(run_dir, specs, state, metric)
     state["report"] = result
     write_json(run_dir / STATE, state)
     rep.plot(result, run_dir / "compare.png")
     print(rep.table(result))
     print(f"wrote {run_dir / STATE} and {run_dir / 'compare.png'}")
-    if not finished:
-        return 130, result
-    return (1 if any(r["status"] == "failed" for r in result["runs"]) else 0), result
+    return 1 if any(r["status"] == "failed" for r in result["runs"]) else 0
