@@ -122,8 +122,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     targets = list(dict.fromkeys(r["target"] for r in runs))
     weightings = list(dict.fromkeys(r["name"].split("_", 1)[1] for r in runs))
     color = {w: f"C{i}" for i, w in enumerate(weightings)}
-    style = {t: s for t, s in zip(targets, ["-", "--", ":"])}
-    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(4.2 * (len(targets) + 1), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(4.2 * len(targets) + 5.5, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * len(targets) + [1.4]})
     for ax, target in zip(axes[0], targets):
         for r in [r for r in runs if r["target"] == target]:
             w = r["name"].split("_", 1)[1]
@@ -148,17 +148,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if max(values) > 5 * min(values) > 0:
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
-    ax = axes[0, -1]
-    for r in runs:
-        if r["bin_mse"]:
-            w = r["name"].split("_", 1)[1]
-            centers = [(lo + hi) / 2 for lo, hi in r["bins"]]
-            ax.plot(centers, r["bin_mse"], marker=".", color=color[w], linestyle=style[r["target"]], label=r["name"])
-    ax.set_title("end of training: unweighted x0 MSE")
-    ax.set_xlabel("timestep (bin centre, 100-step bins)")
-    if any(r["bin_mse"] for r in runs):
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
+    _bin_panel(axes[0, -1], [r for r in runs if r["bin_mse"]])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bin_panel(ax: Any, runs: list[dict[str, Any]]) -> None:
+    """Figure 6 at the end of training as a table: each run's unweighted x0 MSE per timestep bin over the
+    best run's in that bin (1 = best; the MSE spans orders of magnitude across bins, so ratios, not values)."""
+    ax.set_title("end of training: unweighted x0 MSE / best run's", fontsize=10)
+    if not runs:
+        ax.axis("off")
+        return
+    from matplotlib.colors import LogNorm
+
+    mse = np.array([r["bin_mse"] for r in runs])
+    ratio = mse / mse.min(axis=0, keepdims=True)
+    ax.imshow(ratio, cmap="Reds", norm=LogNorm(1.0, 4.0), aspect="auto")  # 4x and worse: the darkest red
+    for (i, j), v in np.ndenumerate(ratio):
+        ax.text(j, i, f"{v:.2f}" if v < 10 else f"{v:.0e}", ha="center", va="center", fontsize=6.5,
+                color="white" if v > 2.5 else "black")
+    ax.set_yticks(range(len(runs)), [r["name"] for r in runs], fontsize=8)
+    ax.set_xticks(range(mse.shape[1]), [str(lo) for lo, _ in runs[0]["bins"]], fontsize=8)
+    ax.set_xlabel("timestep bin (start)")
