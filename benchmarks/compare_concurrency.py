@@ -10,7 +10,7 @@ one evaluation at the end on 100 samples with a shared classifier, so training d
     four_pinned        4 runs, one per core at a time, 1 pinned thread each (the CPU default)
     four_all_at_once   4 runs at once, each pinned to cores/4 (or 1) core(s)
     four_naive         4 runs at once, unpinned, threads = cores each (four `minsnr train` in parallel)
-Prints wall seconds, the ratio to one_alone, and the load average before and after; writes OUT.json.
+Prints wall seconds, the runs' CPU seconds, the ratio to one_alone, and the load average before and after; writes OUT.json.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def main() -> None:
         wall = time.perf_counter() - start
         if res.returncode != 0:
             raise SystemExit(f"{name} failed:\n{res.stderr[-2000:]}")
-        results[name] = {"wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()}
-        print(f"{name:<18} {wall:7.1f} s   load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+        cpu = json.loads((work / name / "compare.json").read_text())["sessions"][-1]["cpu_s"]
+        results[name] = {"wall_s": wall, "cpu_s": cpu, "load_before": load_before, "load_after": os.getloadavg()}
+        print(f"{name:<18} {wall:7.1f} s wall {cpu:7.1f} CPU-s   load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}",
+              flush=True)
     if "one_alone" in results:
         base = results["one_alone"]["wall_s"]
         for name, r in results.items():

@@ -151,6 +151,8 @@ def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classi
     assert bad["status"] == "diverged" and bad["status_step"] == 1 and bad["values"] == []
     assert runs["x0_const"]["status"] == "finished" and runs["x0_const"]["steps"] == [4]
     assert "diverged at 1" in out and "finished 4" in out
+    session = json.loads((tmp_path / "compare.json").read_text())["sessions"][-1]
+    assert session["runs"] == ["x0_max_snr_g3e+38", "x0_const"] and session["cpu_s"] > 1  # the runs' CPU time
     assert cli.main(args) == 0  # nothing left to train: both reused
     out = capsys.readouterr().out
     assert "x0_max_snr_g3e+38: diverged earlier" in out and "x0_const: finished earlier" in out

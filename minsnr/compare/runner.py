@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -236,7 +237,15 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     if todo:
         print(f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
               f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in RUN/compare.log")
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        session = {"runs": [s.name for s, _ in todo], "jobs": jobs, "threads": threads,
+                   "wall_s": time.perf_counter() - start, "cpu_s": cpu, "load": os.getloadavg()}
+        state.setdefault("sessions", []).append(session)  # how long it took, to plan the next one
+        print(f"trained in {session['wall_s']:.0f} s wall, {cpu:.0f} CPU-seconds in the runs "
+              f"(load average now {session['load'][0]:.1f})")
     code = _report(run_dir, specs, state, metric)
     return (130 if not finished else code), state["report"]
 
