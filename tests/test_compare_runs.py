@@ -1,6 +1,7 @@
 """`minsnr compare` end to end on tiny runs: common random numbers, a killed comparison resuming to the
 same numbers, divergence reported as a result, a changed config refused."""
 
+import fcntl
 import json
 import os
 import signal
@@ -166,3 +167,41 @@ def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classi
     assert "may grow, not shrink" in capsys.readouterr().err
     assert cli.main([*args, "log.eval_every=3"]) == 2  # not a multiple of log.every=2
     assert "multiple of log.every" in capsys.readouterr().err
+    with (tmp_path / "compare.lock").open("w") as lock:  # as a second comparison on the folder would
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert cli.main(args) == 2
+    assert "another minsnr compare is running" in capsys.readouterr().err
+
+
+def test_a_run_stops_and_saves_when_its_comparison_dies(tmp_path, classifier):
+    base = load_config(CPU, [*TINY, f"run_dir={tmp_path}", "train.steps=100000", "checkpoint.every=100000"])
+    spec = run_matrix(Settings(targets=["x0"]), None)[0]
+    cfg = run_config(base, spec, tmp_path, classifier, threads=1)
+    (tmp_path / spec.name).mkdir()
+    dump_yaml(cfg, tmp_path / spec.name / "config.yaml")
+    parent = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', 'minsnr.compare.worker', "
+              f"{str(tmp_path / spec.name / 'config.yaml')!r}, '--parent', str(os.getpid())]); print(p.pid, flush=True); "
+              "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    run = int(proc.stdout.readline())
+    metrics = tmp_path / spec.name / "metrics.jsonl"
+    status = tmp_path / spec.name / worker.STATUS
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL: the comparison cannot tell its runs anything
+        proc.wait()
+        deadline = time.time() + 120
+        while not status.exists() and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        try:
+            os.kill(run, signal.SIGKILL)  # the run, if it outlived its comparison (the failure this test catches)
+        except ProcessLookupError:
+            pass
+    assert status.exists(), "the run kept training after its comparison died"
+    state = json.loads(status.read_text())
+    assert state["state"] == "stopped" and 0 < state["step"] < 100000
+    saved = ck.load_checkpoint(tmp_path / spec.name / "checkpoints" / "latest.pt")
+    assert saved["step"] == state["step"]  # it saved where it stopped: a rerun continues from there

@@ -17,6 +17,7 @@ once by default (the processes share the GPU; pinning still splits the CPU cores
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -114,7 +115,8 @@ def _launch(spec: RunSpec, config_path: Path, cores: list[int], pin: bool, threa
     root = str(Path(minsnr.__file__).resolve().parents[1])  # the children import this same minsnr
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TQDM_MININTERVAL": "30", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "minsnr.compare.worker", str(config_path), "--bin-images", str(bin_images)]
+    cmd = [sys.executable, "-m", "minsnr.compare.worker", str(config_path), "--bin-images", str(bin_images),
+           "--parent", str(os.getpid())]
     if pin:
         cmd += ["--cpus", ",".join(map(str, cores))]
     (config_path.parent / STATUS).unlink(missing_ok=True)  # a stale status must not outlive this attempt
@@ -173,11 +175,14 @@ def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: 
                 print(f"[{last_report - t0:6.0f} s] " + "  ".join(
                     f"{j.spec.name} {_last_step(j.config_path.parent)}/{steps}" for j in running.values()), flush=True)
     except KeyboardInterrupt:
-        print("interrupted: every running run saves a checkpoint and stops; rerun the same command to continue",
-              file=sys.stderr, flush=True)
-        for job in running.values():
+        for job in running.values():  # first, so a failing print (a closed pipe) cannot orphan them
             if job.proc.poll() is None:
                 job.proc.send_signal(signal.SIGINT)
+        try:
+            print("interrupted: every running run saves a checkpoint and stops; rerun the same command to continue",
+                  file=sys.stderr, flush=True)
+        except OSError:
+            pass
         for job in running.values():
             job.proc.wait()
             job.log.close()
@@ -224,6 +229,11 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
             raise ConfigError(f"{run_dir / STATE} not found: nothing to report (run without --report-only first)")
         return _report(run_dir, run_matrix(settings, base.loss.gamma), state, metric), state["report"]
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = (run_dir / "compare.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+    except BlockingIOError:
+        raise ConfigError(f"another minsnr compare is running on {run_dir}; wait for it or stop it first") from None
     on_gpu = base.train.device != "cpu" and torch.cuda.is_available()
     cores = sorted(os.sched_getaffinity(0))
     state = load_state(run_dir, base, settings.classifier)

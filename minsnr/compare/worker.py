@@ -74,13 +74,30 @@ def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[
     return out
 
 
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM (save a checkpoint, stop) when the comparison dies, so that no orphan keeps writing
+    into a run folder that a rerun of the comparison continues."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as err:
+        print(f"warning: runs will not stop with the comparison ({err})", file=sys.stderr)
+    if os.getppid() != parent:  # it died before prctl took effect
+        sys.exit("the comparison that started this run is gone; not training")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minsnr.compare.worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="the run's config.yaml, written by minsnr compare")
     p.add_argument("--cpus", default="", help="comma-separated CPU cores to pin this process to")
     p.add_argument("--bin-images", type=int, default=1000)
+    p.add_argument("--parent", type=int, default=0, help="stop (save and exit) when this process dies")
     a = p.parse_args(argv)
+    if a.parent:
+        die_with_parent(a.parent)
     if a.cpus:
         os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})
 
