@@ -24,7 +24,7 @@ from minsnr.config import dump_yaml, load_config, to_dict
 from minsnr.evaluate.classifier import load_labelled, save_classifier, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = ROOT / "configs" / "compare_cpu.yaml"
+CPU = ROOT / "configs" / "compare" / "cpu.yaml"
 TINY = ["model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}", "train.batch_size=16", "log.every=2",
         "log.eval_every=4", "log.eval_num=20", "log.preview_every=0", "checkpoint.every=10", "checkpoint.keep=3",
         "optim.warmup_steps=2", "ema.decay=0.9", "sample.steps=2"]

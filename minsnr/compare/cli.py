@@ -10,7 +10,7 @@ a table, RUN_DIR/compare.json and RUN_DIR/compare.png. Rerun the same command to
     minsnr compare cpu                                  # digits, x0/eps/v x baseline/min_snr, 2 CPU cores
     minsnr compare cpu data.source=npz data.path=mnist.npz model.input_size=28 model.args.patch_size=4
     minsnr compare configs/my.yaml --targets x0 --weightings const,min_snr,min_snr:1,soft_min_snr --steps 20000
-    minsnr compare cifar10 data.path=cifar20k.npz       # one GPU, see configs/compare_cifar10.yaml
+    minsnr compare cifar10 data.path=cifar20k.npz       # one GPU, see configs/compare/cifar10.yaml
 
 Exit codes: 0 every run finished or diverged (a divergence is a result, shown in the table), 1 a run
 failed with an error (its log: RUN_DIR/<run>/compare.log), 2 a bad config or setting, 130 interrupted.

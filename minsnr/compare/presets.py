@@ -5,7 +5,7 @@ Baselines per target follow section 4.2 / figure 5: const for x0, the plain eps 
 the plain v MSE (`plain`, (SNR + 1) in x0 terms) for v. A weighting is a strategy name, optionally with
 its gamma (`min_snr:3`), or `baseline` for the target's baseline.
 
-Presets are configs/compare_<name>.yaml (plain training configs, which `minsnr train` also runs) plus
+Presets are configs/compare/<name>.yaml (plain training configs, which `minsnr train` also runs) plus
 the Settings below; every config key can be overridden with key=value and every setting with its flag.
 """
 
@@ -35,10 +35,10 @@ class Settings:
 
 
 PRESETS: dict[str, Settings] = {
-    # configs/compare_cpu.yaml: digits, 0.22M ViT, 6 runs of 3,000 steps, fid_cls every 250 steps on 500
+    # configs/compare/cpu.yaml: digits, 0.22M ViT, 6 runs of 3,000 steps, fid_cls every 250 steps on 500
     # samples; two runs at a time on 2 cores.
     "cpu": Settings(),
-    # configs/compare_cifar10.yaml: 15M pixel ViT on CIFAR-10 (20k), for one GPU; the runs share it.
+    # configs/compare/cifar10.yaml: 15M pixel ViT on CIFAR-10 (20k), for one GPU; the runs share it.
     "cifar10": Settings(classifier_epochs=15),
 }
 
@@ -46,7 +46,7 @@ PRESETS: dict[str, Settings] = {
 def resolve(source: str) -> tuple[Path, Settings]:
     """A preset name (cpu, cifar10) or a YAML config path -> (config file, default settings)."""
     if source in PRESETS:
-        path = CONFIGS / f"compare_{source}.yaml"
+        path = CONFIGS / "compare" / f"{source}.yaml"
         if not path.is_file():
             raise ConfigError(f"preset {source!r} expects {path}, which is missing (minsnr installed without its "
                               "configs/ folder?); pass a config YAML instead")

@@ -246,7 +246,7 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     finished = True
     if todo:
         print(f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
-              f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in RUN/compare.log")
+              f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/<run>/compare.log")
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
