@@ -12,6 +12,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train-classifier": ("minsnr.evaluate.classifier", "train the small CNN behind fid_cls"),
     "losses": ("minsnr.evaluate.losses", "unweighted x0 MSE per timestep range (figure 6)"),
     "plot": ("minsnr.evaluate.plots", "FID against steps for several runs (figures 1 and 5)"),
+    "compare": ("minsnr.compare.cli", "race weightings on common random numbers: speed-up table (figure 5)"),
     "encode": ("minsnr.data.latent", "encode an image dataset into SD-VAE latents"),
     "pareto": ("minsnr.pareto.cli", "Pareto objective of weightings on a model (figures 3 and 4)"),
     "conflict": ("minsnr.pareto.conflict", "fine-tune on timestep ranges, loss change heat map (figure 2)"),

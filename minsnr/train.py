@@ -42,7 +42,11 @@ from minsnr.timesteps import make_timesteps
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or inf loss or gradient."""
+    """Training produced a NaN or inf loss or gradient, first at optimiser step `step`."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class StopTraining(Exception):
@@ -265,7 +269,7 @@ class Trainer:
         if int(bad) >= 0:
             where = resume.describe_last_good(self.ckpt_dir)
             raise NonFiniteLoss(f"non-finite loss or gradient at step {int(bad)}; training stopped, {where}. "
-                                "Try a lower optim.lr, optim.grad_clip, or train.precision=fp32.")
+                                "Try a lower optim.lr, optim.grad_clip, or train.precision=fp32.", int(bad))
 
     # ---- the run --------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:

@@ -6,6 +6,8 @@ Strategies are named by their weight on the x0-space MSE:
     max_snr       max(SNR, gamma)           truncated SNR of Salimans & Ho, default gamma 1
     min_snr       min(SNR, gamma)           Min-SNR-gamma, the paper's proposal, default gamma 5
     soft_min_snr  1 / (1/SNR + 1/gamma)     a smooth min, default gamma 5
+    plain         1, SNR, SNR + 1           weight 1 in the target's own space (x0, eps, v): the plain MSE
+                                            of that target, the paper's baseline for v (section 4.2)
 or any callable snr -> x0-space weight.
 
 Appendix B: ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2,
@@ -35,13 +37,21 @@ DEFAULT_WEIGHTING = "min_snr"  # with STRATEGIES' default gamma, 5
 WeightFn = Callable[[Tensor], Tensor]
 Strategy = Union[str, WeightFn]
 
-# name -> (x0-space weight(snr, gamma), default gamma or None when gamma is unused); `loss.weighting`.
-STRATEGIES: dict[str, tuple[Callable[[Tensor, float], Tensor], float | None]] = {
-    "const": (lambda snr, g: torch.ones_like(snr), None),
-    "snr": (lambda snr, g: snr, None),
-    "max_snr": (lambda snr, g: snr.clamp(min=g), 1.0),
-    "min_snr": (lambda snr, g: snr.clamp(max=g), 5.0),
-    "soft_min_snr": (lambda snr, g: snr * g / (snr + g), 5.0),
+
+def _plain(snr: Tensor, gamma: float, target: str) -> Tensor:
+    """Weight 1 in the target's own space, i.e. in x0 terms 1, SNR, SNR + 1 (appendix B)."""
+    return torch.ones_like(snr) if target == "x0" else snr if target == "eps" else snr + 1
+
+
+# name -> (x0-space weight(snr, gamma, target), default gamma or None when gamma is unused); `loss.weighting`.
+# Only `plain` reads the target: it is the plain MSE of each target (the paper's v baseline, section 4.2).
+STRATEGIES: dict[str, tuple[Callable[[Tensor, float, str], Tensor], float | None]] = {
+    "const": (lambda snr, g, target: torch.ones_like(snr), None),
+    "snr": (lambda snr, g, target: snr, None),
+    "max_snr": (lambda snr, g, target: snr.clamp(min=g), 1.0),
+    "min_snr": (lambda snr, g, target: snr.clamp(max=g), 5.0),
+    "soft_min_snr": (lambda snr, g, target: snr * g / (snr + g), 5.0),
+    "plain": (_plain, None),
 }
 
 
@@ -50,7 +60,9 @@ def _prepare(snr: Tensor) -> Tensor:
     return snr.to(dtype).clamp(SNR_FLOOR, SNR_CEIL)
 
 
-def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None) -> Tensor:
+def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None, target: str) -> Tensor:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
     if callable(strategy):
         return strategy(snr).to(snr.dtype)
     if strategy not in STRATEGIES:
@@ -59,12 +71,13 @@ def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None) -> Tensor:
     g = default_gamma if gamma is None else gamma
     if g is not None and not g > 0:
         raise ValueError(f"gamma must be > 0, got {g}")
-    return fn(snr, g)  # type: ignore[arg-type]
+    return fn(snr, g, target)  # type: ignore[arg-type]
 
 
-def x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None) -> Tensor:
-    """The strategy's weight on the x0-space MSE (section 3.4): float32 (float64 for float64 snr), like snr."""
-    return _x0_weight(_prepare(snr), strategy, gamma)
+def x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, target: str = "x0") -> Tensor:
+    """The strategy's weight on the x0-space MSE (section 3.4): float32 (float64 for float64 snr), like snr.
+    `target` matters only for `plain`."""
+    return _x0_weight(_prepare(snr), strategy, gamma, target)
 
 
 def loss_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, target: str = "x0") -> Tensor:
@@ -72,10 +85,8 @@ def loss_weight(snr: Tensor, strategy: Strategy, gamma: float | None = None, tar
 
     snr: SNR(t) of any shape and float dtype; returns float32 (float64 for float64 snr) of that shape,
     finite for every snr in [0, inf]. gamma None takes the strategy's default from STRATEGIES."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
     s = _prepare(snr)
-    w = _x0_weight(s, strategy, gamma)
+    w = _x0_weight(s, strategy, gamma, target)  # for plain: SNR / SNR and (SNR+1) / (SNR+1), exactly 1 in IEEE
     if target == "eps":
         return w / s
     if target == "v":

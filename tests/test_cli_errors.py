@@ -199,7 +199,7 @@ def test_preview_every_zero_still_writes_the_final_grid(tmp_path):
     from PIL import Image
 
     from minsnr.config import load_config
-    from minsnr.launch import build_hooks
+    from minsnr.hooks import build_hooks
     from minsnr.train import train
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, f"run_dir={tmp_path}", "log.preview_every=0",

@@ -16,7 +16,7 @@ import pytest
 import minsnr.cli
 from minsnr.config import load_config
 from minsnr.evaluate import losses, plots
-from minsnr.launch import build_hooks
+from minsnr.hooks import build_hooks
 from minsnr.launch import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +135,9 @@ def test_wheel_ships_the_configs_and_declares_the_extras(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    shipped = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("minsnr/configs/"))
-    assert shipped == sorted(p.name for p in (ROOT / "minsnr" / "configs").glob("*.yaml")) and "quickstart.yaml" in shipped
+    shipped = sorted(n.removeprefix("minsnr/configs/") for n in names if n.startswith("minsnr/configs/"))
+    here = sorted(str(p.relative_to(ROOT / "minsnr" / "configs")) for p in (ROOT / "minsnr" / "configs").rglob("*.yaml"))
+    assert shipped == here and "quickstart.yaml" in shipped and "compare/cpu.yaml" in shipped  # the compare presets too
     assert {"fid", "latent", "plots", "tensorboard", "test", "all"} <= set(re.findall(r"Provides-Extra: (\S+)", metadata))
     unconditional = re.findall(r"^Requires-Dist: ([^;\n]+)$", metadata, re.M)
     assert {_name(r) for r in unconditional} == {_name(r) for r in PYPROJECT["dependencies"]}

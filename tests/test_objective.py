@@ -32,7 +32,7 @@ def random_problem(n=512, seed=0):
     return x0, eps, t, x0_hat, a, s
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "plain"])  # plain differs per target by design
 def test_weighted_target_mse_equals_x0_objective(strategy):
     """Appendix B: w_target * ||target - pred||^2 == w_x0 * ||x0 - x0_hat||^2 for every target."""
     x0, eps, t, x0_hat, a, s = random_problem()

@@ -71,6 +71,7 @@ def closed_form(snr: np.ndarray, strategy: str, target: str, gamma: float | None
         "max_snr": np.maximum(snr, g) if g else None,
         "min_snr": np.minimum(snr, g) if g else None,
         "soft_min_snr": 1 / (1 / snr + 1 / g) if g else None,
+        "plain": {"x0": np.ones_like(snr), "eps": snr, "v": snr + 1}[target],  # weight 1 in the target's space
     }[strategy]
     return w / {"x0": 1.0, "eps": snr, "v": snr + 1}[target]
 

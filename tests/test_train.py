@@ -160,7 +160,7 @@ def test_torchrun_two_ranks_match_one(tmp_path):
 def test_preview_grid_has_a_row_per_class(tmp_path):
     from PIL import Image
 
-    from minsnr.launch import build_hooks
+    from minsnr.hooks import build_hooks
 
     cfg = tiny_cfg(tmp_path, "train.steps=2", "log.preview_every=2", "sample.steps=2")
     train(cfg, build_hooks(cfg))

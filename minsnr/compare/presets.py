@@ -1,0 +1,134 @@
+"""What a comparison runs: a training config (any YAML `minsnr train` takes) plus compare settings, and
+the run matrix of targets x weightings.
+
+Baselines per target follow section 4.2 / figure 5: const for x0, the plain eps MSE (`snr`) for eps,
+the plain v MSE (`plain`, (SNR + 1) in x0 terms) for v. A weighting is a strategy name, optionally with
+its gamma (`min_snr:3`), or `baseline` for the target's baseline.
+
+Presets are configs/compare/<name>.yaml (plain training configs, which `minsnr train` also runs) plus
+the Settings below; every config key can be overridden with key=value and every setting with its flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
+from minsnr.weighting import STRATEGIES, TARGETS
+
+BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
+PROPOSAL = "min_snr"
+CONFIGS = PACKAGED_CONFIGS
+
+
+@dataclass
+class Settings:
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    weightings: list[str] = field(default_factory=lambda: ["baseline", PROPOSAL])
+    classifier: str = "auto"  # auto: trained on the config's data, cached in RUN_DIR/classifier | PATH | inception
+    classifier_epochs: int = 8
+    jobs: int = 0  # concurrent runs; 0: one per CPU core on the CPU, every run at once on a GPU
+    pin: bool = True  # give each concurrent run its own CPU cores (os.sched_setaffinity)
+    bin_images: int = 1000  # held-out images for the final per-bin x0 MSE (figure 6)
+
+
+PRESETS: dict[str, Settings] = {
+    # configs/compare/cpu.yaml: digits, 0.22M ViT, 6 runs of 3,000 steps, fid_cls every 250 steps on 500
+    # samples; two runs at a time on 2 cores.
+    "cpu": Settings(),
+    # configs/compare/cifar10.yaml: 15M pixel ViT on CIFAR-10 (20k), for one GPU; the runs share it.
+    "cifar10": Settings(classifier_epochs=15),
+}
+
+
+def resolve(source: str) -> tuple[Path, Settings]:
+    """A preset name (cpu, cifar10) or a YAML config path -> (config file, default settings)."""
+    if source in PRESETS:
+        path = CONFIGS / "compare" / f"{source}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"preset {source!r} expects {path}, which is missing (minsnr installed without its "
+                              "configs/ folder?); pass a config YAML instead")
+        return path, dataclasses.replace(PRESETS[source])
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    return path, Settings()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    target: str
+    weighting: str
+    gamma: float | None  # None: the strategy's default (or the config's loss.gamma)
+    explicit_gamma: bool = False
+
+    @property
+    def name(self) -> str:
+        suffix = f"_g{self.gamma:g}" if self.explicit_gamma and self.gamma is not None else ""
+        return f"{self.target}_{self.weighting}{suffix}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.weighting == BASELINES[self.target] and not self.explicit_gamma
+
+
+def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunSpec:
+    name, _, gamma_text = token.partition(":")
+    name = BASELINES[target] if name == "baseline" else name
+    if name not in STRATEGIES:
+        raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(STRATEGIES)} "
+                          "(optionally NAME:GAMMA, e.g. min_snr:3)")
+    uses_gamma = name in STRATEGIES and STRATEGIES[name][1] is not None
+    if gamma_text:
+        try:
+            gamma = float(gamma_text)
+        except ValueError:
+            raise ConfigError(f"weighting {token!r}: gamma {gamma_text!r} is not a number") from None
+        if not uses_gamma or not gamma > 0:
+            raise ConfigError(f"weighting {token!r}: only max_snr, min_snr and soft_min_snr take a gamma > 0")
+        return RunSpec(target, name, gamma, explicit_gamma=True)
+    if not uses_gamma:
+        return RunSpec(target, name, None)
+    return RunSpec(target, name, config_gamma if config_gamma is not None else STRATEGIES[name][1])
+
+
+def run_matrix(settings: Settings, config_gamma: float | None) -> list[RunSpec]:
+    """Every (target, weighting) pair, in order, without duplicates."""
+    if not settings.targets or not settings.weightings:
+        raise ConfigError("give at least one target (--targets) and one weighting (--weightings)")
+    specs: list[RunSpec] = []
+    for target in settings.targets:
+        if target not in TARGETS:
+            raise ConfigError(f"target {target!r} is not valid; choose from {', '.join(TARGETS)}")
+        for token in settings.weightings:
+            spec = parse_weighting(token, target, config_gamma)
+            if spec.name not in [s.name for s in specs]:
+                specs.append(spec)
+    return specs
+
+
+def run_config(base: Config, spec: RunSpec, run_dir: Path, classifier: str | None, threads: int) -> Config:
+    """The ordinary training config of one run: the base config with only the loss, the run folder, the
+    evaluation classifier and the thread count changed (the seed, data, schedule and model stay shared)."""
+    cfg = dataclasses.replace(base, run_dir=str(run_dir / spec.name), resume="auto",
+                              loss=dataclasses.replace(base.loss, target=spec.target, weighting=spec.weighting,
+                                                       gamma=spec.gamma),
+                              log=dataclasses.replace(base.log, eval_classifier=classifier),
+                              train=dataclasses.replace(base.train, threads=threads))
+    return cfg
+
+
+def check_base(base: Config) -> None:
+    """Settings that would make the comparison unfair or unreadable fail here, before any run starts."""
+    log = base.log
+    if log.eval_every <= 0:
+        raise ConfigError("log.eval_every must be > 0 for a comparison (e.g. --eval-every 250)")
+    if log.eval_every % log.every:
+        raise ConfigError(f"log.eval_every={log.eval_every} must be a multiple of log.every={log.every}, so that a "
+                          "non-finite loss is caught before the evaluation that would sample from it")
+    if base.data.source == "latent":
+        raise ConfigError("data.source=latent: compare scores pixel-space runs only (fid_cls or FID during training)")
+    if base.resume not in ("auto", "never"):
+        raise ConfigError(f"resume={base.resume!r}: every compare run resumes from its own folder; drop the key")

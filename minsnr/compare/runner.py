@@ -1,0 +1,273 @@
+"""Run a comparison: one ordinary, resumable training run per (target, weighting) in RUN_DIR/<name>/,
+launched as pinned subprocesses (minsnr.compare.worker), on common random numbers.
+
+Common random numbers come from the trainer itself: every run gets the same train.seed, so the same
+initial weights, data order, timesteps, noise and label drops at every step, and the fid_cls hook
+samples the same labels and noise at the same steps. The runs differ only in loss.target/weighting/gamma.
+
+RUN_DIR/compare.json (written atomically) holds the comparison's state: the shared config, the runs, the
+steps and the evaluation schedule, plus the latest report. Rerunning the same command continues every
+unfinished run from its last checkpoint and reuses finished runs and their evaluations; a changed config
+key is an error naming the key (train.steps may grow).
+
+Concurrency: at most `jobs` runs at a time; on the CPU one per core by default, each with
+cores/jobs threads (train.threads and OMP_NUM_THREADS) and pinned to its own cores; on a GPU every run at
+once by default (the processes share the GPU; pinning still splits the CPU cores between them).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from minsnr.compare.presets import RunSpec, Settings, check_base, run_config, run_matrix
+from minsnr.compare.worker import LOSSES, STATUS, read_json, write_json
+from minsnr.config import Config, ConfigError, dump_yaml, to_dict
+
+FORMAT = "minsnr-compare"
+STATE = "compare.json"
+PER_RUN = ("run_dir", "train.steps", "train.threads", "loss.target", "loss.weighting", "log.eval_classifier")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "args":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def shared_config(base: Config) -> dict[str, Any]:
+    """The config every run shares, flattened to dotted keys (the per-run and growable keys left out)."""
+    return {k: v for k, v in _flatten(to_dict(base)).items() if k not in PER_RUN}
+
+
+def load_state(run_dir: Path, base: Config, classifier: str) -> dict[str, Any]:
+    """compare.json, created for a new comparison; an existing one must describe the same experiment."""
+    shared = shared_config(base)
+    state = read_json(run_dir / STATE)
+    if state is None:
+        return {"format": FORMAT, "config": shared, "steps": base.train.steps, "eval_every": base.log.eval_every,
+                "classifier": classifier, "runs": []}
+    if state.get("format") != FORMAT:
+        raise ConfigError(f"{run_dir / STATE} is not a minsnr comparison; choose another run_dir")
+    changed = sorted(k for k in set(shared) | set(state["config"]) if shared.get(k) != state["config"].get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {shared.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"{run_dir / STATE} was started with another config ({diffs}); rerun with the same "
+                          "settings to continue it, or choose another run_dir")
+    if state["classifier"] != classifier:
+        raise ConfigError(f"{run_dir / STATE} scores with classifier {state['classifier']!r}, not {classifier!r}; "
+                          "use the same --classifier or another run_dir")
+    if base.train.steps < state["steps"]:
+        raise ConfigError(f"{run_dir / STATE} trains to {state['steps']} steps; --steps/train.steps may grow, "
+                          f"not shrink to {base.train.steps}")
+    state["steps"] = base.train.steps
+    return state
+
+
+def slots(jobs: int, cores: list[int]) -> list[list[int]]:
+    """CPU cores of each concurrent slot: disjoint and equal when jobs <= cores, shared round-robin beyond."""
+    per = max(1, len(cores) // jobs)
+    return [[cores[(i * per + k) % len(cores)] for k in range(per)] for i in range(jobs)]
+
+
+def run_is_done(run_dir: Path, steps: int, bin_images: int) -> str | None:
+    """Why this run needs no launch ("finished", "diverged"), or None when it must (continue to) train."""
+    status = read_json(run_dir / STATUS)
+    if status is None:
+        return None
+    if status["state"] == "diverged":
+        return "diverged"
+    losses = read_json(run_dir / LOSSES)
+    if (status["state"] == "finished" and status["step"] >= steps and losses is not None
+            and losses["step"] == status["step"] and losses["num_images"] == bin_images):
+        return "finished"
+    return None
+
+
+@dataclass
+class Job:
+    spec: RunSpec
+    config_path: Path
+    proc: subprocess.Popen[bytes]
+    log: TextIO
+    cores: list[int]
+    start: float
+
+
+def _launch(spec: RunSpec, config_path: Path, cores: list[int], pin: bool, threads: int,
+            bin_images: int) -> Job:
+    import minsnr
+
+    root = str(Path(minsnr.__file__).resolve().parents[1])  # the children import this same minsnr
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_MININTERVAL": "30", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "minsnr.compare.worker", str(config_path), "--bin-images", str(bin_images),
+           "--parent", str(os.getpid())]
+    if pin:
+        cmd += ["--cpus", ",".join(map(str, cores))]
+    (config_path.parent / STATUS).unlink(missing_ok=True)  # a stale status must not outlive this attempt
+    log = (config_path.parent / "compare.log").open("a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return Job(spec, config_path, proc, log, cores, time.perf_counter())
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return int(json.loads(lines[-1])["step"]) if lines else 0
+
+
+def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: bool, bin_images: int,
+            steps: int, progress_every: float = 60.0) -> bool:
+    """Train the runs, `jobs` at a time; returns False if interrupted (Ctrl-C or SIGTERM: every run saves a
+    checkpoint and stops, and a rerun continues)."""
+    pool = slots(jobs, cores)
+    free = list(range(jobs))
+    queue, running = list(todo), {}
+    t0 = last_report = time.perf_counter()
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        while queue or running:
+            while queue and free:
+                slot = free.pop(0)
+                spec, path = queue.pop(0)
+                running[slot] = _launch(spec, path, pool[slot], pin, len(pool[slot]), bin_images)
+                where = f"cores {pool[slot]}" if pin else "unpinned"
+                print(f"[{time.perf_counter() - t0:6.0f} s] started  {spec.name} ({where}, {len(pool[slot])} thread(s))",
+                      flush=True)
+            time.sleep(0.2)
+            for slot, job in list(running.items()):
+                if job.proc.poll() is None:
+                    continue
+                job.log.close()
+                del running[slot]
+                free.append(slot)
+                status = read_json(job.config_path.parent / STATUS) or {
+                    "state": "failed", "step": None, "message": f"exit code {job.proc.returncode}, no status written"}
+                took = time.perf_counter() - job.start
+                extra = f" at step {status['step']}" if status["step"] is not None else ""
+                msg = f": {status['message']} (log: {job.config_path.parent / 'compare.log'})" \
+                    if status["state"] == "failed" else ""
+                print(f"[{time.perf_counter() - t0:6.0f} s] {status['state']:<8} {job.spec.name}{extra} in {took:.0f} s{msg}",
+                      flush=True)
+            if running and time.perf_counter() - last_report > progress_every:
+                last_report = time.perf_counter()
+                print(f"[{last_report - t0:6.0f} s] " + "  ".join(
+                    f"{j.spec.name} {_last_step(j.config_path.parent)}/{steps}" for j in running.values()), flush=True)
+    except KeyboardInterrupt:
+        for job in running.values():  # first, so a failing print (a closed pipe) cannot orphan them
+            if job.proc.poll() is None:
+                job.proc.send_signal(signal.SIGINT)
+        try:
+            print("interrupted: every running run saves a checkpoint and stops; rerun the same command to continue",
+                  file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        for job in running.values():
+            job.proc.wait()
+            job.log.close()
+        return False
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return True
+
+
+def prepare_runs(base: Config, settings: Settings, run_dir: Path, classifier: str | None, threads: int,
+                 state: dict[str, Any]) -> tuple[list[RunSpec], list[tuple[RunSpec, Path]]]:
+    """Write every run's config.yaml, add new runs to the state; -> (all runs, runs that need training)."""
+    specs = run_matrix(settings, base.loss.gamma)
+    todo = []
+    for spec in specs:
+        entry = {"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma}
+        if entry not in state["runs"]:
+            state["runs"].append(entry)
+        cfg = run_config(base, spec, run_dir, classifier, threads)
+        folder = Path(cfg.run_dir)
+        done = run_is_done(folder, base.train.steps, settings.bin_images)
+        if done:
+            print(f"{spec.name}: {done} earlier, reused" + (" (delete the folder to retry)" if done == "diverged" else ""))
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, folder / "config.yaml")
+        todo.append((spec, folder / "config.yaml"))
+    return specs, todo
+
+
+def compare(base: Config, settings: Settings, *, report_only: bool = False) -> tuple[int, dict[str, Any]]:
+    """Train (or continue) every run, then report. -> (exit code, report). Exit codes: 0 every run finished
+    or diverged (divergence is a result), 1 a run failed, 130 interrupted."""
+    import torch
+
+    from minsnr.compare.classifier import ensure_classifier
+
+    check_base(base)
+    run_dir = Path(base.run_dir)
+    metric = "fid" if settings.classifier == "inception" else "fid_cls"
+    if report_only:
+        state = read_json(run_dir / STATE)
+        if state is None:
+            raise ConfigError(f"{run_dir / STATE} not found: nothing to report (run without --report-only first)")
+        return _report(run_dir, run_matrix(settings, base.loss.gamma), state, metric), state["report"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = (run_dir / "compare.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+    except BlockingIOError:
+        raise ConfigError(f"another minsnr compare is running on {run_dir}; wait for it or stop it first") from None
+    on_gpu = base.train.device != "cpu" and torch.cuda.is_available()
+    cores = sorted(os.sched_getaffinity(0))
+    state = load_state(run_dir, base, settings.classifier)
+    classifier = ensure_classifier(base, settings, run_dir, "cuda" if on_gpu else "cpu")
+    n_runs = len(run_matrix(settings, base.loss.gamma))
+    jobs = settings.jobs or (n_runs if on_gpu else min(n_runs, len(cores)))
+    threads = base.train.threads or len(slots(jobs, cores)[0])  # fixed per comparison: results depend on it
+    specs, todo = prepare_runs(base, settings, run_dir, classifier, threads, state)
+    write_json(run_dir / STATE, state)
+    finished = True
+    if todo:
+        print(f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
+              f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/<run>/compare.log")
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        session = {"runs": [s.name for s, _ in todo], "jobs": jobs, "threads": threads,
+                   "wall_s": time.perf_counter() - start, "cpu_s": cpu, "load": os.getloadavg()}
+        state.setdefault("sessions", []).append(session)  # how long it took, to plan the next one
+        print(f"trained in {session['wall_s']:.0f} s wall, {cpu:.0f} CPU-seconds in the runs "
+              f"(load average now {session['load'][0]:.1f})")
+    code = _report(run_dir, specs, state, metric)
+    return (130 if not finished else code), state["report"]
+
+
+def _report(run_dir: Path, specs: list[RunSpec], state: dict[str, Any], metric: str) -> int:
+    """Build, store (compare.json), plot and print the report; -> 1 if a run failed, else 0."""
+    from minsnr.compare import report as rep
+
+    result = rep.build(run_dir, specs, state, metric)
+    state["report"] = result
+    write_json(run_dir / STATE, state)
+    rep.plot(result, run_dir / "compare.png")
+    print(rep.table(result))
+    print(f"wrote {run_dir / STATE} and {run_dir / 'compare.png'}")
+    return 1 if any(r["status"] == "failed" for r in result["runs"]) else 0
