@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from minsnr.compare import report
-from minsnr.compare.presets import RunSpec, Settings, run_matrix
+from minsnr.compare.presets import CONFIGS, RunSpec, Settings, run_config, run_matrix
 from minsnr.compare.worker import STATUS
+from minsnr.config import ConfigError, load_config
+
+CPU = CONFIGS / "compare" / "cpu.yaml"
 
 STEPS = np.array([100.0, 200.0, 300.0, 400.0])
 BASE = (STEPS, np.array([50.0, 30.0, 20.0, 25.0]))  # best 20, first reached at step 300
@@ -72,7 +75,7 @@ def test_report_from_run_folders(tmp_path):
     assert runs["x0_min_snr"]["steps"] == [100, 200, 300] and "1 non-finite" in runs["x0_min_snr"]["note"]
     assert runs["eps_snr"]["status"] == "diverged" and runs["eps_snr"]["status_step"] == 250
     assert runs["eps_min_snr"]["speed"]["speedup"] == pytest.approx(200 / 150)
-    assert "baseline diverged at step 250" in runs["eps_min_snr"]["note"]
+    assert "reference diverged at step 250" in runs["eps_min_snr"]["note"]
     text = report.table(result)
     assert "diverged at 250" in text and "1.20x" in text and "1.33x" in text
     json.dumps(result)  # the report goes into compare.json as is
@@ -85,3 +88,26 @@ def test_run_names_and_baselines():
     assert [(s.name, s.gamma, s.is_baseline) for s in specs] == [
         ("v_plain", None, True), ("v_min_snr", 5.0, False), ("v_min_snr_g3", 3.0, False)]
     assert RunSpec("eps", "snr", None).is_baseline and not RunSpec("eps", "const", None).is_baseline
+
+
+def test_timestep_distributions_and_a_chosen_reference(tmp_path):
+    settings = Settings(targets=["eps"], weightings=["min_snr:1", "const@logit_normal", "min_snr@importance"],
+                        reference="min_snr")
+    specs = run_matrix(settings, None)
+    assert [(s.name, s.timesteps, s.reference) for s in specs] == [
+        ("eps_min_snr", None, True), ("eps_min_snr_g1", None, False),  # the reference is added first
+        ("eps_const@logit_normal", "logit_normal", False), ("eps_min_snr@importance", "importance", False)]
+    base = load_config(CPU, [f"run_dir={tmp_path}"])
+    cfgs = {s.name: run_config(base, s, tmp_path, None, 1) for s in specs}
+    assert cfgs["eps_const@logit_normal"].loss.timesteps == "logit_normal"
+    assert cfgs["eps_min_snr"].loss.timesteps == base.loss.timesteps == "uniform"
+    for name, values in [("eps_min_snr", [40, 30, 20]), ("eps_min_snr_g1", [30, 20, 10]),
+                         ("eps_const@logit_normal", [50, 45, 40]), ("eps_min_snr@importance", [40, 30, 20])]:
+        write_run(tmp_path, name, [100, 200, 300], values, "finished", 300)
+    runs = {r["name"]: r for r in report.build(tmp_path, specs, {"steps": 300, "eval_every": 100}, "fid_cls")["runs"]}
+    assert runs["eps_min_snr_g1"]["speed"]["speedup"] == pytest.approx(300 / 200)  # reaches 20 at step 200
+    assert runs["eps_min_snr@importance"]["speed"]["speedup"] == pytest.approx(1.0)
+    assert runs["eps_const@logit_normal"]["speed"]["speedup"] is None
+    assert runs["eps_const@logit_normal"]["speed"]["below"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="lognormal, logit_normal"):
+        run_matrix(Settings(targets=["x0"], weightings=["const@lognorm"]), None)

@@ -87,7 +87,7 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
         rec[spec.name] = {"init": None, "inputs": [], "batches": [], "sampler": []}
         assert worker.main([str(path), "--bin-images", "50"]) == 0  # the subprocess's code, in this process
         changed = {k for k, v in _flatten(to_dict(cfg)).items() if _flatten(to_dict(base))[k] != v}
-        assert changed <= {"run_dir", "loss.target", "loss.weighting", "loss.gamma", "log.eval_classifier", "train.threads"}
+        assert changed <= {"run_dir", "loss.target", "loss.weighting", "loss.gamma", "log.eval_classifier", "train.threads", "loss.timesteps"}
 
     first = rec["x0_const"]
     assert len(first["inputs"]) == 12 and len(first["sampler"]) == 3 * 2  # 6 steps x 2 micro-batches; 3 evals

@@ -10,6 +10,7 @@ a table, RUN_DIR/compare.json and RUN_DIR/compare.png. Rerun the same command to
     minsnr compare cpu                                  # digits, x0/eps/v x baseline/min_snr, 2 CPU cores
     minsnr compare cpu data.source=npz data.path=mnist.npz model.input_size=28 model.args.patch_size=4
     minsnr compare configs/my.yaml --targets x0 --weightings const,min_snr,min_snr:1,soft_min_snr --steps 20000
+    minsnr compare cpu --targets eps --reference min_snr --weightings min_snr:1,min_snr:20,min_snr@importance
     minsnr compare cifar10 data.path=cifar20k.npz       # one GPU, see configs/compare/cifar10.yaml
 
 Exit codes: 0 every run finished or diverged (a divergence is a result, shown in the table), 1 a run
@@ -23,6 +24,8 @@ import sys
 
 from minsnr.compare.presets import PRESETS, resolve
 from minsnr.config import ConfigError, load_config
+from minsnr.timesteps import TIMESTEPS
+from minsnr.weighting import STRATEGIES
 
 
 def _list(text: str) -> list[str]:
@@ -36,8 +39,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. run_dir=runs/cmp train.seed=1")
     p.add_argument("--targets", type=_list, help="comma-separated: x0,eps,v (default: all three)")
     p.add_argument("--weightings", type=_list,
-                   help="comma-separated: baseline (the target's), const, snr, plain, max_snr, min_snr, soft_min_snr, "
-                        "NAME:GAMMA (default: baseline,min_snr)")
+                   help="comma-separated NAME[:GAMMA][@TIMESTEPS]: baseline (the target's), a weighting "
+                        f"({', '.join(STRATEGIES)}), e.g. min_snr:10 or const@logit_normal (timesteps: "
+                        f"{', '.join(TIMESTEPS)}) (default: baseline,min_snr)")
+    p.add_argument("--reference", help="the weighting each run's speed-up is measured against, added when "
+                                       "--weightings lacks it (default: baseline; e.g. min_snr)")
     p.add_argument("--steps", type=int, help="training steps per run (train.steps)")
     p.add_argument("--eval-every", type=int, help="score every K steps (log.eval_every)")
     p.add_argument("--eval-num", type=int, help="samples per evaluation (log.eval_num)")
@@ -55,7 +61,7 @@ def main(argv: list[str]) -> int:
         flags = {"train.steps": a.steps, "log.eval_every": a.eval_every, "log.eval_num": a.eval_num}
         overrides = [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
         base = load_config(path, overrides)
-        for name in ("targets", "weightings", "classifier", "classifier_epochs", "bin_images", "jobs", "pin"):
+        for name in ("targets", "weightings", "reference", "classifier", "classifier_epochs", "bin_images", "jobs", "pin"):
             if getattr(a, name) is not None:
                 setattr(settings, name, getattr(a, name))
         if settings.jobs < 0:

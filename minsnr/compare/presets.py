@@ -3,7 +3,10 @@ the run matrix of targets x weightings.
 
 Baselines per target follow section 4.2 / figure 5: const for x0, the plain eps MSE (`snr`) for eps,
 the plain v MSE (`plain`, (SNR + 1) in x0 terms) for v. A weighting is a strategy name, optionally with
-its gamma (`min_snr:3`), or `baseline` for the target's baseline.
+its gamma (`min_snr:3`) and a timestep distribution (`const@logit_normal`, `min_snr@importance`; a key of
+minsnr.timesteps.TIMESTEPS, default the config's loss.timesteps), or `baseline` for the target's baseline.
+Speed-ups are read against the `reference` run of each target: the baseline by default, any weighting
+token otherwise (`--reference min_snr` asks "what beats Min-SNR-5?").
 
 Presets are configs/compare/<name>.yaml (plain training configs, which `minsnr train` also runs) plus
 the Settings below; every config key can be overridden with key=value and every setting with its flag.
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
+from minsnr.timesteps import TIMESTEPS
 from minsnr.weighting import STRATEGIES, TARGETS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
@@ -32,6 +36,7 @@ class Settings:
     jobs: int = 0  # concurrent runs; 0: one per CPU core on the CPU, every run at once on a GPU
     pin: bool = True  # give each concurrent run its own CPU cores (os.sched_setaffinity)
     bin_images: int = 1000  # held-out images for the final per-bin x0 MSE (figure 6)
+    reference: str = "baseline"  # the weighting token every run of a target is timed against
 
 
 PRESETS: dict[str, Settings] = {
@@ -63,23 +68,35 @@ class RunSpec:
     weighting: str
     gamma: float | None  # None: the strategy's default (or the config's loss.gamma)
     explicit_gamma: bool = False
+    timesteps: str | None = None  # None: the config's loss.timesteps
+    reference: bool = False  # the run the target's other runs are timed against (run_matrix sets it)
 
     @property
     def name(self) -> str:
         suffix = f"_g{self.gamma:g}" if self.explicit_gamma and self.gamma is not None else ""
-        return f"{self.target}_{self.weighting}{suffix}"
+        return f"{self.target}_{self.weighting}{suffix}" + (f"@{self.timesteps}" if self.timesteps else "")
 
     @property
     def is_baseline(self) -> bool:
-        return self.weighting == BASELINES[self.target] and not self.explicit_gamma
+        return self.weighting == BASELINES[self.target] and not self.explicit_gamma and not self.timesteps
 
 
 def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunSpec:
-    name, _, gamma_text = token.partition(":")
+    """NAME[:GAMMA][@TIMESTEPS] -> the run of `target` it names."""
+    head, _, timesteps = token.partition("@")
+    if timesteps and timesteps not in TIMESTEPS:
+        raise ConfigError(f"weighting {token!r}: timestep distribution {timesteps!r} is not valid; choose from "
+                          f"{', '.join(TIMESTEPS)}")
+    spec = _parse_strategy(head, token, target, config_gamma)
+    return dataclasses.replace(spec, timesteps=timesteps or None)
+
+
+def _parse_strategy(head: str, token: str, target: str, config_gamma: float | None) -> RunSpec:
+    name, _, gamma_text = head.partition(":")
     name = BASELINES[target] if name == "baseline" else name
     if name not in STRATEGIES:
         raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(STRATEGIES)} "
-                          "(optionally NAME:GAMMA, e.g. min_snr:3)")
+                          "(optionally NAME:GAMMA, e.g. min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)")
     uses_gamma = name in STRATEGIES and STRATEGIES[name][1] is not None
     if gamma_text:
         try:
@@ -95,17 +112,21 @@ def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunS
 
 
 def run_matrix(settings: Settings, config_gamma: float | None) -> list[RunSpec]:
-    """Every (target, weighting) pair, in order, without duplicates."""
+    """Every (target, weighting) pair, in order, without duplicates; each target's reference run is marked
+    (and added first when --weightings does not name it)."""
     if not settings.targets or not settings.weightings:
         raise ConfigError("give at least one target (--targets) and one weighting (--weightings)")
     specs: list[RunSpec] = []
     for target in settings.targets:
         if target not in TARGETS:
             raise ConfigError(f"target {target!r} is not valid; choose from {', '.join(TARGETS)}")
-        for token in settings.weightings:
-            spec = parse_weighting(token, target, config_gamma)
+        reference = parse_weighting(settings.reference, target, config_gamma).name
+        runs = [parse_weighting(token, target, config_gamma) for token in settings.weightings]
+        if reference not in [s.name for s in runs]:
+            runs.insert(0, parse_weighting(settings.reference, target, config_gamma))
+        for spec in runs:
             if spec.name not in [s.name for s in specs]:
-                specs.append(spec)
+                specs.append(dataclasses.replace(spec, reference=spec.name == reference))
     return specs
 
 
@@ -114,7 +135,8 @@ def run_config(base: Config, spec: RunSpec, run_dir: Path, classifier: str | Non
     evaluation classifier and the thread count changed (the seed, data, schedule and model stay shared)."""
     cfg = dataclasses.replace(base, run_dir=str(run_dir / spec.name), resume="auto",
                               loss=dataclasses.replace(base.loss, target=spec.target, weighting=spec.weighting,
-                                                       gamma=spec.gamma),
+                                                       gamma=spec.gamma,
+                                                       timesteps=spec.timesteps or base.loss.timesteps),
                               log=dataclasses.replace(base.log, eval_classifier=classifier),
                               train=dataclasses.replace(base.train, threads=threads))
     return cfg

@@ -1,4 +1,5 @@
-"""The comparison's report: score curves, the speed-up over each target's baseline, the terminal table
+"""The comparison's report: score curves, the speed-up over each target's reference run (by default its
+baseline, section 4.2), the terminal table
 and compare.png (figure 5: score against steps, one panel per target; figure 6: unweighted x0 MSE per
 timestep bin at the end).
 
@@ -58,7 +59,7 @@ def build(run_dir: Path, specs: list[RunSpec], state: dict[str, Any], metric: st
         losses = read_json(folder / LOSSES)
         best = int(np.argmin(values)) if len(values) else None
         runs.append({"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
-                     "baseline": spec.is_baseline, "status": status["state"], "status_step": status["step"],
+                     "reference": spec.reference, "status": status["state"], "status_step": status["step"],
                      "steps": steps.tolist(), "values": values.tolist(), "non_finite_scores": dropped,
                      "cls_acc": dict(zip(map(int, acc_steps), map(float, acc))),
                      "best": None if best is None else float(values[best]),
@@ -69,17 +70,17 @@ def build(run_dir: Path, specs: list[RunSpec], state: dict[str, Any], metric: st
                      "bins": None if losses is None else losses["bins"]})
     by_name = {r["name"]: r for r in runs}
     for r in runs:
-        base = next((b for b in runs if b["target"] == r["target"] and b["baseline"]), None)
+        base = next((b for b in runs if b["target"] == r["target"] and b["reference"]), None)
         r["versus"] = None if base is None else base["name"]
         r["note"] = ""
         if base is None:
             r["speed"] = None
-            r["note"] = "no baseline run for this target"
+            r["note"] = "no reference run for this target"
             continue
         r["speed"] = speedup((np.array(base["steps"]), np.array(base["values"])),
                              (np.array(r["steps"]), np.array(r["values"])), r["status"] == "diverged")
         if base["status"] == "diverged" and r is not base:
-            r["note"] = f"baseline diverged at step {base['status_step']}: its best before that"
+            r["note"] = f"reference diverged at step {base['status_step']}: its best before that"
         if r["non_finite_scores"]:
             r["note"] += f" {r['non_finite_scores']} non-finite score(s) left out"
     return {"metric": metric, "steps": state["steps"], "eval_every": state["eval_every"],
@@ -94,9 +95,9 @@ def _status(r: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     m = result["metric"]
     head = (f"{m} every {result['eval_every']} steps (lower is better). speed-up = step at which the target's "
-            f"baseline reaches its best {m} / first step at which the run does")
-    rows = [head, f"{'run':<18} {'status':<18} {'best (step)':>16} {'final':>8} {'acc':>5} "
-                  f"{'reaches base best':>18} {'speed-up':>9}  note"]
+            f"reference (*) reaches its best {m} / first step at which the run does")
+    rows = [head, f"{'run':<26} {'status':<18} {'best (step)':>16} {'final':>8} {'acc':>5} "
+                  f"{'reaches ref best':>18} {'speed-up':>9}  note"]
     for r in result["runs"]:
         best = "-" if r["best"] is None else f"{r['best']:.4g} ({r['best_step']})"
         final = "-" if r["final"] is None else f"{r['final']:.4g}"
@@ -105,10 +106,11 @@ def table(result: dict[str, Any]) -> str:
         reach = "-" if s.get("step") is None else f"{s['step']:.0f}"
         speed = (f"{s['speedup']:.2f}x" if s.get("speedup") is not None
                  else f"<{s['below']:.2f}x" if s.get("below") is not None else "-")
-        name = r["name"] + (" *" if r["baseline"] else "")
-        rows.append(f"{name:<18} {_status(r):<18} {best:>16} {final:>8} {'-' if acc is None else f'{acc:.2f}':>5} "
+        name = r["name"] + (" *" if r["reference"] else "")
+        rows.append(f"{name:<26} {_status(r):<18} {best:>16} {final:>8} {'-' if acc is None else f'{acc:.2f}':>5} "
                     f"{reach:>18} {speed:>9}  {r['note'].strip()}")
-    rows.append("* the target's baseline (section 4.2: const for x0, the plain eps MSE for eps, the plain v MSE for v)")
+    rows.append("* the target's reference: by default its baseline (section 4.2: const for x0, the plain eps MSE for "
+                "eps, the plain v MSE for v); --reference chooses another")
     return "\n".join(rows)
 
 
@@ -127,14 +129,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax, target in zip(axes[0], targets):
         for r in [r for r in runs if r["target"] == target]:
             w = r["name"].split("_", 1)[1]
-            label = w + (" (baseline)" if r["baseline"] else "")
+            label = w + (" (reference)" if r["reference"] else "")
             if r["status"] == "diverged":
                 label += f", diverged at {r['status_step']}"
             ax.plot(r["steps"], r["values"], marker=".", color=color[w], label=label)
             if r["status"] == "diverged" and r["steps"]:
                 ax.plot(r["steps"][-1:], r["values"][-1:], "x", color=color[w], markersize=10)
             s = r["speed"] or {}
-            if r["baseline"] and s.get("threshold") is not None:
+            if r["reference"] and s.get("threshold") is not None:
                 ax.axhline(s["threshold"], color="gray", linestyle="--", linewidth=0.8)
             elif s.get("speedup") is not None:
                 ax.plot([s["step"]], [s["threshold"]], "o", color=color[w])

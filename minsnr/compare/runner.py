@@ -198,7 +198,8 @@ def prepare_runs(base: Config, settings: Settings, run_dir: Path, classifier: st
     specs = run_matrix(settings, base.loss.gamma)
     todo = []
     for spec in specs:
-        entry = {"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma}
+        entry = {"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
+                 "timesteps": spec.timesteps or base.loss.timesteps}
         if entry not in state["runs"]:
             state["runs"].append(entry)
         cfg = run_config(base, spec, run_dir, classifier, threads)
