@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
-from minsnr.weighting import STRATEGIES, TARGETS
+from minsnr.weighting import STRATEGIES, TARGETS, WEIGHTINGS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
 PROPOSAL = "min_snr"
@@ -77,8 +77,8 @@ class RunSpec:
 def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunSpec:
     name, _, gamma_text = token.partition(":")
     name = BASELINES[target] if name == "baseline" else name
-    if name not in STRATEGIES:
-        raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(STRATEGIES)} "
+    if name not in WEIGHTINGS:
+        raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(WEIGHTINGS)} "
                           "(optionally NAME:GAMMA, e.g. min_snr:3)")
     uses_gamma = name in STRATEGIES and STRATEGIES[name][1] is not None
     if gamma_text:
