@@ -34,6 +34,7 @@ PARETO_TASKS = 10  # equal timestep ranges, as the `train.pareto_every` monitor
 PARETO_IMAGES = 8  # probe images per task
 PARETO_SMOOTHING = 0.9  # w <- 0.9 w + 0.1 (normalised UGD optimum) at every update
 PARETO_START = ("min_snr", 5.0)
+PARETO_LAMBDA = 0.0  # eq. 10 (eq. 11 without the penalty), as the `train.pareto_every` monitor
 
 
 def _bin_names(num_timesteps: int) -> list[str]:
@@ -120,12 +121,16 @@ class ParetoWeight(nn.Module):
     def adapt(self, model: nn.Module, schedule: Schedule, target: str) -> None:
         """Eq. 11 on the probe: the Gram matrix of the task gradients, its UGD optimum (eq. 12-13), one update."""
         from minsnr.pareto.gram import gram_matrix
-        from minsnr.pareto.solvers import ugd
 
         if self.probe is None:
             raise RuntimeError("ParetoWeight.adapt needs set_probe first")
-        gram = gram_matrix(model, self.probe, schedule, target).numpy()
-        self.apply_solution(ugd(gram).weights)
+        self.update_from_gram(gram_matrix(model, self.probe, schedule, target).numpy())
+
+    def update_from_gram(self, gram: ArrayLike) -> None:
+        """The UGD optimum of eq. 11 (lambda = PARETO_LAMBDA) on the K x K Gram matrix, smoothed in."""
+        from minsnr.pareto.solvers import ugd
+
+        self.apply_solution(ugd(gram, PARETO_LAMBDA).weights)
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
