@@ -188,3 +188,30 @@ def test_resuming_with_another_weighting_is_refused(tmp_path):
     train(tiny_cfg(tmp_path / "r", "train.steps=2", *LEARNED))
     with pytest.raises(CheckpointError, match="stateful loss weighting"):
         train(tiny_cfg(tmp_path / "r", "train.steps=4", "loss.weighting=min_snr"))
+
+
+def test_torchrun_two_ranks_train_u_like_one(tmp_path):
+    """u(t) lives outside DDP; its gradients are averaged by hand, so two ranks of 8 match one of 16."""
+    import os
+    import socket
+    import subprocess
+
+    from test_train import TINY
+
+    common = [*TINY, "train.steps=4", "checkpoint.every=4", "data.num_workers=0", "loss.weighting=learned"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8",
+           f"run_dir={tmp_path / 'ddp'}"]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train(load_config(ROOT / "configs" / "quickstart.yaml", [*common, "train.batch_size=16", f"run_dir={tmp_path / 'one'}"]))
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(a["loss_weighting"][name], b["loss_weighting"][name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
