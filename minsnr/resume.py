@@ -161,19 +161,24 @@ def restore(found: Found, cfg: Config, model: nn.Module, ema: nn.Module, opt: to
 
 def repair_export(run_dir: Path, ema: nn.Module, cfg: Config, step: int, class_names: Sequence[str], say: Say,
                   adaptive: nn.Module | None = None) -> None:
-    """Rewrite ema.safetensors when it is missing, unreadable or behind the checkpoint resumed from (a kill
-    during the last export leaves the previous one, and a run already at its last step saves no more)."""
-    path = run_dir / "ema.safetensors"
-    have = ck.export_step(path)
-    if have is not None and have >= step:
-        if have > step:
-            say(f"{path} holds step {have}, past the checkpoint at step {step}; the next save replaces it")
-        return
-    why = "is missing" if not path.exists() else f"holds step {have}" if have is not None else "has no readable step"
-    ck.export_safetensors(path, ema.state_dict(), cfg, step, class_names)
+    """Rewrite ema.safetensors (and loss_weight.safetensors for a stateful weighting) when missing, unreadable
+    or behind the checkpoint resumed from (a kill during the last export leaves the previous one, and a run
+    already at its last step saves no more)."""
+    files = [("ema.safetensors", "EMA weights", lambda p: ck.export_safetensors(p, ema.state_dict(), cfg, step,
+                                                                                class_names))]
     if adaptive is not None:
-        export_loss_weighting(run_dir, adaptive.state_dict(), cfg, step, class_names)
-    say(f"{path} {why}; rewrote it with the EMA weights of step {step}")
+        files.append((LOSS_WEIGHT_EXPORT, "loss weighting state",
+                      lambda p: export_loss_weighting(run_dir, adaptive.state_dict(), cfg, step, class_names)))
+    for name, what, write in files:
+        path = run_dir / name
+        have = ck.export_step(path)
+        if have is not None and have >= step:
+            if have > step:
+                say(f"{path} holds step {have}, past the checkpoint at step {step}; the next save replaces it")
+            continue
+        why = "is missing" if not path.exists() else f"holds step {have}" if have is not None else "has no readable step"
+        write(path)
+        say(f"{path} {why}; rewrote it with the {what} of step {step}")
 
 
 def repair_latest(ckpt_dir: Path, path: Path, say: Say) -> None:

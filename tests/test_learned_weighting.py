@@ -215,3 +215,15 @@ def test_torchrun_two_ranks_train_u_like_one(tmp_path):
         torch.testing.assert_close(a["loss_weighting"][name], b["loss_weighting"][name], rtol=1e-4, atol=1e-5, msg=name)
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_missing_loss_weight_export_is_rewritten_at_resume(tmp_path, capsys):
+    """A kill between the two exports leaves loss_weight.safetensors behind; the next start rewrites it."""
+    run = tmp_path / "k"
+    train(tiny_cfg(run, "train.steps=2", *LEARNED))
+    want = load_file(str(run / "loss_weight.safetensors"))
+    (run / "loss_weight.safetensors").unlink()
+    train(tiny_cfg(run, "train.steps=2", *LEARNED))  # already at its last step: nothing trains, nothing saves
+    assert "loss_weight.safetensors is missing; rewrote it with the loss weighting state of step 2" in capsys.readouterr().out
+    got = load_file(str(run / "loss_weight.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
