@@ -59,8 +59,8 @@ class LossConfig:
     weighting: str = DEFAULT_WEIGHTING  # one of minsnr.weighting.WEIGHTINGS (STRATEGIES, or ADAPTIVE: stateful)
     gamma: Optional[float] = None  # None: the strategy's default gamma in STRATEGIES
     timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
-    adapt_every: int = 100  # weighting=pareto: steps between updates of the weights (minsnr.adaptive)
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
+    adapt_every: int = 100  # weighting=pareto: steps between updates of the weights (minsnr.adaptive)
 
 
 @dataclass
