@@ -118,12 +118,14 @@ class ParetoWeight(nn.Module):
         self.probe = make_task_batch(x0.detach().cpu(), None if labels is None else labels.cpu(), self.ranges,
                                      generator=gen).to(self.weights.device)
 
-    def adapt(self, model: nn.Module, schedule: Schedule, target: str) -> None:
-        """Eq. 11 on the probe: the Gram matrix of the task gradients, its UGD optimum (eq. 12-13), one update."""
+    def adapt(self, model: nn.Module, schedule: Schedule, target: str, dataset: Any, seed: int) -> None:
+        """Eq. 11 on the probe (built from `dataset` and `seed` at the first call): the Gram matrix of the task
+        gradients, its UGD optimum (eq. 12-13), one update. Every DDP rank alike (same replicas, same probe);
+        outside the training step, one host sync. `model` is the raw module (not DDP- or compile-wrapped)."""
         from minsnr.pareto.gram import gram_matrix
 
         if self.probe is None:
-            raise RuntimeError("ParetoWeight.adapt needs set_probe first")
+            self.set_probe(*probe_images(dataset, model, seed), seed)
         self.update_from_gram(gram_matrix(model, self.probe, schedule, target).numpy())
 
     def update_from_gram(self, gram: ArrayLike) -> None:
@@ -155,3 +157,13 @@ def probe_images(dataset: Any, model: nn.Module, seed: int, count: int = PARETO_
     idx = torch.randperm(len(dataset), generator=gen)[:count].tolist()
     x, y, _ = dataset.get_batch(idx)
     return x, labels_for(model, dataset, y)
+
+
+def average_gradients(module: nn.Module, world: int) -> None:
+    """Average `module`'s gradients over the DDP ranks (learned u(t) is trained outside the DDP wrapper)."""
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)

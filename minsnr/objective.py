@@ -144,4 +144,5 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
         weight = weight * scale.to(mse.dtype)
     with torch.no_grad():
         mse_x0 = (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=dims)
-    return LossOutput(loss=(weight * mse + offset.to(mse.dtype)).mean(), t=t, mse_x0=mse_x0, weight=weight.detach() if adaptive is not None else weight)
+    loss = (weight * mse + offset.to(mse.dtype)).mean()
+    return LossOutput(loss=loss, t=t, mse_x0=mse_x0, weight=weight.detach() if adaptive is not None else weight)

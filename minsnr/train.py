@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from minsnr import checkpoint as ck
 from minsnr import resume
-from minsnr.adaptive import ParetoWeight, make_adaptive, probe_images
+from minsnr.adaptive import ParetoWeight, average_gradients, make_adaptive
 from minsnr.config import Config, ConfigError, dump_yaml, with_model_args
 from minsnr.data import build_dataset
 from minsnr.data.device import make_batches
@@ -210,7 +210,7 @@ class Trainer:
         grad_accum 1, the static step (`minsnr.step`) runs the same body on static buffers."""
         cfg, accum = self.cfg, self.cfg.train.grad_accum
         if isinstance(self.adaptive, ParetoWeight) and self.step > 0 and self.step % cfg.loss.adapt_every == 0:
-            self._adapt()
+            self.adaptive.adapt(self.model, self.schedule, cfg.loss.target, self.dataset, cfg.train.seed)  # eq. 11
         set_lr(self.opt, self._lr())
         self.ema_weight.fill_(1.0 - ema_decay(cfg.ema.decay, cfg.ema.warmup, self.step + 1))
         if self.static is not None:
@@ -225,15 +225,6 @@ class Trainer:
             self.grad_norm = self._update()
             self._zero_grad()
         self.step += 1
-
-    def _adapt(self) -> None:
-        """loss.weighting=pareto: update the weights from eq. 11 on the fixed probe batch (every rank alike:
-        the replicas and the probe are the same). Outside the step; one host sync."""
-        assert isinstance(self.adaptive, ParetoWeight)
-        if self.adaptive.probe is None:
-            x, y = probe_images(self.dataset, self.model, self.cfg.train.seed)
-            self.adaptive.set_probe(x, y, self.cfg.train.seed)
-        self.adaptive.adapt(self.model, self.schedule, self.cfg.loss.target)
 
     def _forward_backward(self, x: Tensor, y: Optional[Tensor], t: Tensor, noise: Tensor, accum: int,
                           cache: bool = True) -> None:
@@ -251,11 +242,8 @@ class Trainer:
     def _update(self) -> Tensor:
         """Clipping, AdamW and the EMA update (weight `ema_weight`); returns the gradient norm before clipping."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.adaptive is not None and self.world > 1:  # u(t) is outside DDP: average its gradients by hand
-            for p in self.adaptive.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)
+        if self.adaptive is not None and self.world > 1:
+            average_gradients(self.adaptive, self.world)  # u(t) is outside DDP
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self._flag_nonfinite(grad_norm)
         self.opt.step()
