@@ -138,11 +138,11 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
     weight = loss_weight(schedule.snr(t), weighting, gamma, target).to(mse.dtype)
     if ts is not None:
         weight = weight * ts.correction[t]
-    offset = torch.zeros_like(mse)
+    offset = None
     if adaptive is not None:
         scale, offset = adaptive(t)
         weight = weight * scale.to(mse.dtype)
     with torch.no_grad():
         mse_x0 = (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=dims)
-    loss = (weight * mse + offset.to(mse.dtype)).mean()
+    loss = (weight * mse if offset is None else weight * mse + offset.to(mse.dtype)).mean()
     return LossOutput(loss=loss, t=t, mse_x0=mse_x0, weight=weight.detach() if adaptive is not None else weight)
