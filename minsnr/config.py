@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from minsnr.registry import did_you_mean
 from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS
-from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, STRATEGIES, TARGETS
+from minsnr.weighting import ADAPTIVE, DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTINGS
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on the CPU
@@ -56,10 +56,11 @@ class ScheduleConfig:
 @dataclass
 class LossConfig:
     target: str = DEFAULT_TARGET  # one of minsnr.weighting.TARGETS
-    weighting: str = DEFAULT_WEIGHTING  # a key of minsnr.weighting.STRATEGIES
+    weighting: str = DEFAULT_WEIGHTING  # one of minsnr.weighting.WEIGHTINGS (STRATEGIES, or ADAPTIVE: stateful)
     gamma: Optional[float] = None  # None: the strategy's default gamma in STRATEGIES
     timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
+    adapt_every: int = 100  # weighting=pareto: steps between updates of the weights (minsnr.adaptive)
 
 
 @dataclass
@@ -248,7 +249,7 @@ def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
     from minsnr.step import ATTENTION, COMPILE_MODES
 
     return {"model.name": MODELS, "data.source": SOURCES, "data.crop": CROPS, "schedule.name": SCHEDULES,
-            "loss.target": TARGETS, "loss.weighting": STRATEGIES, "loss.timesteps": TIMESTEPS,
+            "loss.target": TARGETS, "loss.weighting": WEIGHTINGS, "loss.timesteps": TIMESTEPS,
             "train.precision": PRECISIONS, "train.device": DEVICES, "train.compile_mode": COMPILE_MODES,
             "train.attention": ATTENTION, "sample.sampler": SAMPLERS}
 
@@ -261,6 +262,11 @@ def validate(cfg: Config) -> None:
         _positive("sample.sigma_max", cfg.sample.sigma_max)
     if cfg.loss.gamma is not None:
         _positive("loss.gamma", cfg.loss.gamma)
+    _positive("loss.adapt_every", cfg.loss.adapt_every)
+    if cfg.loss.weighting in ADAPTIVE and cfg.loss.timesteps == "importance":
+        raise ConfigError(f"loss.timesteps=importance samples t by a fixed weight, but loss.weighting="
+                          f"{cfg.loss.weighting} changes its weight while training; use loss.timesteps=uniform "
+                          "(or lognormal, logit_normal) or a fixed weighting")
     if not 0.0 <= cfg.loss.label_dropout < 1.0:
         raise ConfigError(f"loss.label_dropout={cfg.loss.label_dropout} must be in [0, 1)")
     if cfg.loss.label_dropout > 0 and cfg.model.num_classes == 0:

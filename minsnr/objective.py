@@ -16,7 +16,11 @@ from torch import Tensor, nn
 from minsnr.schedule import Schedule
 from minsnr.registry import lookup
 from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, Distribution, Timesteps, make_timesteps
-from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, Strategy, loss_weight
+from minsnr.weighting import ADAPTIVE, DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, Strategy, loss_weight
+
+# A stateful weighting (minsnr.adaptive): t long [B] -> (scale [B], offset [B]); the per-sample loss becomes
+# scale * weight * mse + offset, weight that of the weighting's base strategy (weighting.ADAPTIVE).
+Adaptive = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def _check_target(target: str) -> None:
@@ -100,7 +104,7 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
                    schedule: Schedule, *, target: str = DEFAULT_TARGET, weighting: Strategy = DEFAULT_WEIGHTING,
                    gamma: float | None = None, t: Tensor | None = None, noise: Tensor | None = None,
                    timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
-                   generator: torch.Generator | None = None) -> LossOutput:
+                   generator: torch.Generator | None = None, adaptive: Adaptive | None = None) -> LossOutput:
     """Weighted denoising loss (eq. 4-5 with the weight of section 3.4); `model(x_t, t, labels)` predicts `target`.
 
     x0: float [B, ...] clean data; labels: long [B] or None; noise: like x0 (drawn when None);
@@ -109,8 +113,16 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
     with importance sampling the weight is divided by T p(t) (minsnr.timesteps), also for a given t.
     The model receives the integer timesteps t (int64 [B]) as they index the schedule, so an
     `nn.Embedding` of t works; samplers pass fractional float t instead (see `sampling.VPDenoiser`).
+    A stateful weighting (`learned`, `pareto`: weighting.ADAPTIVE) needs its state as `adaptive`
+    (minsnr.adaptive): the loss is then mean(scale(t) * base weight * mse + offset(t)).
     """
     _check_target(target)
+    if isinstance(weighting, str) and weighting in ADAPTIVE:
+        if adaptive is None:
+            raise ValueError(f"weighting {weighting!r} is stateful: pass adaptive=minsnr.adaptive.make_adaptive(...)")
+        weighting = ADAPTIVE[weighting]
+    elif adaptive is not None:
+        raise ValueError(f"adaptive= is given but weighting {weighting!r} is fixed; use 'learned' or 'pareto'")
     ts = timesteps if isinstance(timesteps, Timesteps) else None
     if ts is None and (t is None or _reweights(timesteps)):  # type: ignore[arg-type]
         ts = make_timesteps(timesteps, schedule, weighting, gamma, target)  # type: ignore[arg-type]
@@ -126,6 +138,11 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
     weight = loss_weight(schedule.snr(t), weighting, gamma, target).to(mse.dtype)
     if ts is not None:
         weight = weight * ts.correction[t]
+    offset = None
+    if adaptive is not None:
+        scale, offset = adaptive(t)
+        weight = weight * scale.to(mse.dtype)
     with torch.no_grad():
         mse_x0 = (predict_x0(pred, x_t, alpha, sigma, target) - x0).square().mean(dim=dims)
-    return LossOutput(loss=(weight * mse).mean(), t=t, mse_x0=mse_x0, weight=weight)
+    loss = (weight * mse if offset is None else weight * mse + offset.to(mse.dtype)).mean()
+    return LossOutput(loss=loss, t=t, mse_x0=mse_x0, weight=weight.detach() if adaptive is not None else weight)

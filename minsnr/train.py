@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from minsnr import checkpoint as ck
 from minsnr import resume
+from minsnr.adaptive import ParetoWeight, average_gradients, make_adaptive
 from minsnr.config import Config, ConfigError, dump_yaml, with_model_args
 from minsnr.data import build_dataset
 from minsnr.data.device import make_batches
@@ -39,6 +40,7 @@ from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
 from minsnr.step import CPU_ATTENTION, StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
 from minsnr.timesteps import make_timesteps
+from minsnr.weighting import ADAPTIVE
 
 
 class NonFiniteLoss(RuntimeError):
@@ -113,10 +115,15 @@ class Trainer:
         check_data_fits(cfg, self.dataset)
         self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
         loss = cfg.loss  # the distribution of t (uniform in the paper) and its weight correction, built once
-        self.timesteps = make_timesteps(loss.timesteps, self.schedule, loss.weighting, loss.gamma, loss.target)
+        if loss.weighting in ADAPTIVE and loss.timesteps == "importance":
+            raise ConfigError(f"loss.timesteps=importance needs a fixed weight; loss.weighting={loss.weighting} changes "
+                              "its weight while training: use loss.timesteps=uniform or a fixed weighting")
+        self.timesteps = make_timesteps(loss.timesteps, self.schedule, ADAPTIVE.get(loss.weighting, loss.weighting),
+                                        loss.gamma, loss.target)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
         self.model = build_model(cfg.model).to(self.device)
         self.ema = ema_copy(self.model)
+        self.adaptive = make_adaptive(loss.weighting, self.schedule)  # learned / pareto state (minsnr.adaptive)
         torch.manual_seed(cfg.train.seed + self.rank)  # each rank its own stream for dropout
         t = cfg.train
         static, capture, step_note = plan_step(self.device.type, self.world, t.grad_accum, t.cuda_graph, t.compile,
@@ -137,6 +144,8 @@ class Trainer:
         self.static = StaticStep(self._static_body, self._zero_grad, capture=capture, device=self.device,
                                  log=self._print) if static else None
         self._print(f"speed: {data_note}; {step_note}; {self.threads_note}")
+        if self.adaptive is not None and loss.gamma is not None:
+            self._print(f"note: loss.gamma={loss.gamma} does not apply to loss.weighting={loss.weighting}; it is unused")
         self.stop_requested = False
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -156,7 +165,10 @@ class Trainer:
         step is captured), foreach on the CPU; checkpoints stay portable between the two (`keep_run_settings`)."""
         o, cuda = self.cfg.optim, self.device.type == "cuda"
         lr = torch.tensor(o.lr, device=self.device) if cuda else o.lr
-        opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(o.betas),  # type: ignore[arg-type]
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
+        if self.adaptive is not None and any(True for _ in self.adaptive.parameters()):  # learned u(t): no decay
+            groups.append({"params": list(self.adaptive.parameters()), "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas),  # type: ignore[arg-type]
                                 eps=o.eps, weight_decay=o.weight_decay, fused=cuda, foreach=not cuda,
                                 capturable=capturable)
         keep_run_settings(opt)
@@ -174,16 +186,18 @@ class Trainer:
             resume.clean_temporaries(self.run_dir, self._print)
         if found is None:
             return
-        self.step = resume.restore(found, self.cfg, self.model, self.ema, self.opt, self.batches, self.rank)
+        self.step = resume.restore(found, self.cfg, self.model, self.ema, self.opt, self.batches, self.rank,
+                                   self.adaptive)
         if self.rank == 0 and self.cfg.resume == "auto":
             resume.repair_latest(self.ckpt_dir, found.path, self._print)
         if self.rank == 0:
-            resume.repair_export(self.run_dir, self.ema, self.cfg, self.step, self.dataset.class_names, self._print)
+            resume.repair_export(self.run_dir, self.ema, self.cfg, self.step, self.dataset.class_names, self._print,
+                                 self.adaptive)
         self._print(f"resumed from {found.path} at step {self.step}")
 
     def _state(self) -> dict[str, Any]:
         return resume.training_state(self.model, self.ema, self.opt, self.step, self.cfg, self.batches,
-                                     self.dataset.class_names, self.world)
+                                     self.dataset.class_names, self.world, self.adaptive)
 
     # ---- one optimiser step ---------------------------------------------------------------------
     def _lr(self) -> float:
@@ -195,6 +209,8 @@ class Trainer:
         3.4), gradient clipping, AdamW, then the EMA update. No host sync. With one process and
         grad_accum 1, the static step (`minsnr.step`) runs the same body on static buffers."""
         cfg, accum = self.cfg, self.cfg.train.grad_accum
+        if isinstance(self.adaptive, ParetoWeight) and self.step > 0 and self.step % cfg.loss.adapt_every == 0:
+            self.adaptive.adapt(self.model, self.schedule, cfg.loss.target, self.dataset, cfg.train.seed)  # eq. 11
         set_lr(self.opt, self._lr())
         self.ema_weight.fill_(1.0 - ema_decay(cfg.ema.decay, cfg.ema.warmup, self.step + 1))
         if self.static is not None:
@@ -217,7 +233,8 @@ class Trainer:
         with attention(cfg.train.attention), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
                                                             cache_enabled=cache):
             out = diffusion_loss(self.net, x, y, self.schedule, target=cfg.loss.target, weighting=cfg.loss.weighting,
-                                 gamma=cfg.loss.gamma, t=t, noise=noise, timesteps=self.timesteps)
+                                 gamma=cfg.loss.gamma, t=t, noise=noise, timesteps=self.timesteps,
+                                 adaptive=self.adaptive)
             (out.loss / accum).backward()
         self.stats.add(out.t, out.mse_x0, out.loss)
         self._flag_nonfinite(out.loss)
@@ -225,6 +242,8 @@ class Trainer:
     def _update(self) -> Tensor:
         """Clipping, AdamW and the EMA update (weight `ema_weight`); returns the gradient norm before clipping."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        if self.adaptive is not None and self.world > 1:
+            average_gradients(self.adaptive, self.world)  # u(t) is outside DDP
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self._flag_nonfinite(grad_norm)
         self.opt.step()
@@ -290,6 +309,8 @@ class Trainer:
         metrics = self.stats.read_and_reset()
         metrics.update(lr=self._lr(), grad_norm=float(self.grad_norm), epoch=self.batches.epoch,
                        bad_images=len(self.batches.bad_files), img_per_s=img_per_s)
+        if self.adaptive is not None:
+            metrics.update(self.adaptive.metrics())
         return metrics
 
     def _run_hooks(self, final: bool) -> dict[str, float]:

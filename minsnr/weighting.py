@@ -10,6 +10,11 @@ Strategies are named by their weight on the x0-space MSE:
                                             of that target, the paper's baseline for v (section 4.2)
 or any callable snr -> x0-space weight.
 
+Two weightings have state that training updates, so they are not functions of SNR alone (ADAPTIVE: name ->
+the fixed base strategy they multiply; the state lives in minsnr.adaptive, docs/math.md says why):
+    learned       exp(-u(t)) * plain + u(t)    EDM2's uncertainty weighting, u a tiny module trained jointly
+    pareto        piecewise-constant w_k        a smoothed UGD optimum of eq. 11, refreshed every loss.adapt_every
+
 Appendix B: ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2,
 so the weight applied to the eps-space MSE is w/SNR and to the v-space MSE is w/(SNR + 1). Then one
 strategy is one objective whatever the target (min_snr with v is min(SNR, gamma)/(SNR + 1), never
@@ -54,6 +59,10 @@ STRATEGIES: dict[str, tuple[Callable[[Tensor, float, str], Tensor], float | None
     "plain": (_plain, None),
 }
 
+# Stateful weightings (minsnr.adaptive): name -> the STRATEGIES entry they multiply; they take no gamma.
+ADAPTIVE: dict[str, str] = {"learned": "plain", "pareto": "const"}
+WEIGHTINGS = (*STRATEGIES, *ADAPTIVE)  # every valid `loss.weighting`
+
 
 def _prepare(snr: Tensor) -> Tensor:
     dtype = torch.float64 if snr.dtype == torch.float64 else torch.float32
@@ -65,6 +74,9 @@ def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None, target: str
         raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
     if callable(strategy):
         return strategy(snr).to(snr.dtype)
+    if strategy in ADAPTIVE:
+        raise ValueError(f"weighting {strategy!r} has no fixed weight: its state is trained with the model "
+                         "(minsnr.adaptive); pass diffusion_loss(..., adaptive=...) or a fixed strategy")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown weighting {strategy!r}; valid names: {', '.join(STRATEGIES)} or a callable")
     fn, default_gamma = STRATEGIES[strategy]

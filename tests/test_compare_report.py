@@ -111,3 +111,11 @@ def test_timestep_distributions_and_a_chosen_reference(tmp_path):
     assert runs["eps_const@logit_normal"]["speed"]["below"] == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="lognormal, logit_normal"):
         run_matrix(Settings(targets=["x0"], weightings=["const@lognorm"]), None)
+
+
+def test_stateful_weightings_race_but_not_with_importance_sampling():
+    specs = run_matrix(Settings(targets=["x0"], weightings=["learned", "pareto@logit_normal"], reference="min_snr"), 5.0)
+    assert [(s.name, s.gamma) for s in specs] == [("x0_min_snr", 5.0), ("x0_learned", None),
+                                                  ("x0_pareto@logit_normal", None)]
+    with pytest.raises(ConfigError, match="needs a fixed weight"):
+        run_matrix(Settings(targets=["x0"], weightings=["learned@importance"]), None)

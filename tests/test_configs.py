@@ -26,7 +26,7 @@ PAPER = {
 
 
 def test_all_paper_configs_are_shipped():
-    assert set(PAPER) | {"quickstart"} == {p.stem for p in CONFIGS}
+    assert set(PAPER) | {"quickstart", "mnist"} == {p.stem for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

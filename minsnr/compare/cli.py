@@ -25,7 +25,7 @@ import sys
 from minsnr.compare.presets import PRESETS, resolve
 from minsnr.config import ConfigError, load_config
 from minsnr.timesteps import TIMESTEPS
-from minsnr.weighting import STRATEGIES
+from minsnr.weighting import WEIGHTINGS
 
 
 def _list(text: str) -> list[str]:
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--targets", type=_list, help="comma-separated: x0,eps,v (default: all three)")
     p.add_argument("--weightings", type=_list,
                    help="comma-separated NAME[:GAMMA][@TIMESTEPS]: baseline (the target's), a weighting "
-                        f"({', '.join(STRATEGIES)}), e.g. min_snr:10 or const@logit_normal (timesteps: "
+                        f"({', '.join(WEIGHTINGS)}), e.g. min_snr:10 or const@logit_normal (timesteps: "
                         f"{', '.join(TIMESTEPS)}) (default: baseline,min_snr)")
     p.add_argument("--reference", help="the weighting each run's speed-up is measured against, added when "
                                        "--weightings lacks it (default: baseline; e.g. min_snr)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
 from minsnr.timesteps import TIMESTEPS
-from minsnr.weighting import STRATEGIES, TARGETS
+from minsnr.weighting import ADAPTIVE, STRATEGIES, TARGETS, WEIGHTINGS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
 PROPOSAL = "min_snr"
@@ -88,14 +88,17 @@ def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunS
         raise ConfigError(f"weighting {token!r}: timestep distribution {timesteps!r} is not valid; choose from "
                           f"{', '.join(TIMESTEPS)}")
     spec = _parse_strategy(head, token, target, config_gamma)
+    if timesteps and TIMESTEPS[timesteps].same_objective and spec.weighting in ADAPTIVE:
+        raise ConfigError(f"weighting {token!r}: {timesteps} sampling needs a fixed weight to sample from; "
+                          f"{spec.weighting} changes while it trains")
     return dataclasses.replace(spec, timesteps=timesteps or None)
 
 
 def _parse_strategy(head: str, token: str, target: str, config_gamma: float | None) -> RunSpec:
     name, _, gamma_text = head.partition(":")
     name = BASELINES[target] if name == "baseline" else name
-    if name not in STRATEGIES:
-        raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(STRATEGIES)} "
+    if name not in WEIGHTINGS:
+        raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(WEIGHTINGS)} "
                           "(optionally NAME:GAMMA, e.g. min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)")
     uses_gamma = name in STRATEGIES and STRATEGIES[name][1] is not None
     if gamma_text:

@@ -27,6 +27,7 @@ from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.pareto.common import Loaded, add_common_args, draw, labels_for, load, out_dir
 from minsnr.pareto.gram import Range, TaskBatch, equal_ranges, make_task_batch, task_losses
 from minsnr.pareto.plots import plot_matrix
+from minsnr.weighting import ADAPTIVE
 
 
 def parse_ranges(text: str, num_timesteps: int) -> list[Range]:
@@ -47,6 +48,10 @@ def fine_tune(loaded: Loaded, start: nn.Module, rng: Range, *, steps: int, lr: f
               seed: int) -> nn.Module:
     """A copy of `start` trained `steps` AdamW steps with t ~ U[lo, hi) only."""
     cfg, device = loaded.cfg, loaded.device
+    weighting = ADAPTIVE.get(cfg.loss.weighting, cfg.loss.weighting)
+    if weighting != cfg.loss.weighting:  # its trained state is not in the exported EMA weights
+        print(f"loss.weighting={cfg.loss.weighting} has training state; fine-tuning with its fixed base "
+              f"weighting {weighting!r} instead")
     model = copy.deepcopy(start).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),  # type: ignore[arg-type]
                             weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
@@ -60,7 +65,7 @@ def fine_tune(loaded: Loaded, start: nn.Module, rng: Range, *, steps: int, lr: f
         if labels is not None:
             labels = drop_labels(labels, cfg.loss.label_dropout, num_classes, generator=gen)
         t = torch.randint(rng[0], rng[1], (x.shape[0],), device=device, generator=gen)
-        out = diffusion_loss(model, x, labels, loaded.schedule, target=cfg.loss.target, weighting=cfg.loss.weighting,
+        out = diffusion_loss(model, x, labels, loaded.schedule, target=cfg.loss.target, weighting=weighting,
                              gamma=cfg.loss.gamma, t=t, generator=gen)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

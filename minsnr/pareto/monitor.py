@@ -14,6 +14,7 @@ from minsnr.pareto.compare import fixed_weights, negative_cosine_fraction
 from minsnr.pareto.gram import equal_ranges, gram_matrix, make_task_batch
 from minsnr.pareto.solvers import objective, ugd
 from minsnr.schedule import Schedule
+from minsnr.weighting import ADAPTIVE
 
 if TYPE_CHECKING:
     from minsnr.train import HookContext
@@ -25,20 +26,19 @@ def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule
 
     `model` is the raw module (not DDP- or compile-wrapped). Timesteps and noise come from `seed`, so
     successive calls differ only through the model. Leaves parameters' .grad untouched and restores the
-    model's train/eval mode. Keys: pareto/objective_<cfg.loss.weighting>, pareto/objective_ugd,
-    pareto/neg_cos_frac.
+    model's train/eval mode. Keys: pareto/objective_<cfg.loss.weighting> (not for the stateful learned and
+    pareto weightings), pareto/objective_ugd, pareto/neg_cos_frac.
     """
     device = next(model.parameters()).device
     ranges = equal_ranges(schedule.num_timesteps, num_tasks)
     gen = torch.Generator().manual_seed(seed)
     batch = make_task_batch(x0.detach(), labels, ranges, generator=gen).to(device)
     gram = gram_matrix(model, batch, schedule.to(device), cfg.loss.target).numpy()
-    w = fixed_weights(schedule, ranges, cfg.loss.weighting, cfg.loss.gamma)
-    return {
-        f"pareto/objective_{cfg.loss.weighting}": objective(gram, w, lam),
-        "pareto/objective_ugd": ugd(gram, lam).objective,
-        "pareto/neg_cos_frac": negative_cosine_fraction(gram),
-    }
+    out = {"pareto/objective_ugd": ugd(gram, lam).objective, "pareto/neg_cos_frac": negative_cosine_fraction(gram)}
+    if cfg.loss.weighting not in ADAPTIVE:  # learned / pareto have no fixed weight (they log their own state)
+        w = fixed_weights(schedule, ranges, cfg.loss.weighting, cfg.loss.gamma)
+        out[f"pareto/objective_{cfg.loss.weighting}"] = objective(gram, w, lam)
+    return out
 
 
 def make_pareto_hook(cfg: Config, *, images: int = 8, num_tasks: int = 10,
