@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from minsnr.registry import did_you_mean
+from minsnr.sampling import DEFAULT_SAMPLER
 from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS
 from minsnr.weighting import ADAPTIVE, DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTINGS
 
@@ -114,7 +115,7 @@ class CheckpointConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "heun"  # a key of minsnr.sampling.SAMPLERS
+    sampler: str = DEFAULT_SAMPLER  # a key of minsnr.sampling.SAMPLERS
     steps: int = 30
     cfg_scale: float = 1.0
     # VE sigma where sampling starts; None: the schedule's largest (sigma_ve_max, 20,291 for cosine),

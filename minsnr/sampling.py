@@ -97,6 +97,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[di
 
 # name -> sampler with the module docstring's signature; `sample.sampler` and `minsnr sample --sampler` choose one.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"heun": sample_heun, "euler": sample_euler, "ddim": sample_ddim}
+DEFAULT_SAMPLER = "heun"  # EDM's 2nd-order sampler, as the paper evaluates (appendix C.3)
 
 
 class VPDenoiser:
@@ -144,7 +145,7 @@ class CFGDenoiser:
 
 @torch.no_grad()
 def generate(model: nn.Module, schedule: Schedule, target: str, labels: Tensor | None, *,
-             shape: tuple[int, ...], sampler: str = "heun", steps: int = 30, cfg_scale: float = 1.0,
+             shape: tuple[int, ...], sampler: str = DEFAULT_SAMPLER, steps: int = 30, cfg_scale: float = 1.0,
              num_classes: int = 0, generator: torch.Generator | None = None, sigma_max: float | None = None,
              device: torch.device | str | None = None, progress: bool = False,
              round_timesteps: bool = False) -> Tensor:

@@ -21,7 +21,7 @@ from minsnr.schedule import make_schedule
 from minsnr.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import ROOT, states_equal, tiny_cfg  # noqa: E402
+from test_train import ROOT, straight_and_resumed, tiny_cfg  # noqa: E402
 
 T = 20
 
@@ -155,12 +155,7 @@ LEARNED = ["loss.weighting=learned", "sample.steps=2"]
 def test_resume_is_bit_exact_and_the_export_carries_u(tmp_path):
     from minsnr.evaluate import sample
 
-    train(tiny_cfg(tmp_path / "one", "train.steps=6", *LEARNED))
-    train(tiny_cfg(tmp_path / "two", "train.steps=3", "checkpoint.every=3", *LEARNED))
-    train(tiny_cfg(tmp_path / "two", "train.steps=6", "checkpoint.every=3", *LEARNED))
-    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
-    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.pt")
-    states_equal(a, b)
+    a, b = straight_and_resumed(tmp_path, *LEARNED)
     assert a["loss_weighting"].keys() == b["loss_weighting"].keys() == {"features", "weight", "bias"}
     for k in a["loss_weighting"]:
         assert torch.equal(a["loss_weighting"][k], b["loss_weighting"][k]), k

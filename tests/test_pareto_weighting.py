@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from minsnr.adaptive import ParetoWeight
-from minsnr.checkpoint import load_checkpoint
 from minsnr.compare.presets import parse_weighting
 from minsnr.config import ConfigError
 from minsnr.pareto.solvers import ugd
 from minsnr.schedule import make_schedule
-from minsnr.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import states_equal, tiny_cfg  # noqa: E402
+from test_train import straight_and_resumed  # noqa: E402
 
 
 def start_weights(num_t: int, edges: list[int]) -> tuple[np.ndarray, float]:
@@ -84,12 +82,7 @@ PARETO = ["loss.weighting=pareto", "loss.adapt_every=2"]
 
 
 def test_resume_is_bit_exact_with_the_weights_state(tmp_path):
-    train(tiny_cfg(tmp_path / "one", "train.steps=6", *PARETO))
-    train(tiny_cfg(tmp_path / "two", "train.steps=3", "checkpoint.every=3", *PARETO))
-    train(tiny_cfg(tmp_path / "two", "train.steps=6", "checkpoint.every=3", *PARETO))
-    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
-    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.pt")
-    states_equal(a, b)
+    a, b = straight_and_resumed(tmp_path, *PARETO)
     assert a["loss_weighting"].keys() == {"weights", "updates"}
     assert torch.equal(a["loss_weighting"]["weights"], b["loss_weighting"]["weights"])
     assert int(a["loss_weighting"]["updates"]) == int(b["loss_weighting"]["updates"]) == 2  # at steps 2 and 4

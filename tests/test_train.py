@@ -44,6 +44,16 @@ def states_equal(a: dict, b: dict) -> None:
     assert a["step"] == b["step"] and a["data"] == b["data"]
 
 
+def straight_and_resumed(tmp_path: Path, *extra: str) -> tuple[dict, dict]:
+    """The final checkpoints of a 6-step run and of the same run stopped at step 3 and resumed."""
+    train(tiny_cfg(tmp_path / "one", "train.steps=6", *extra))
+    train(tiny_cfg(tmp_path / "two", "train.steps=3", "checkpoint.every=3", *extra))
+    train(tiny_cfg(tmp_path / "two", "train.steps=6", "checkpoint.every=3", *extra))
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "latest.pt") for run in ("one", "two"))
+    states_equal(a, b)
+    return a, b
+
+
 UNET_DROPOUT = dict(extra=["model.name=unet_tiny", "data.num_workers=1"], model_args={"dropout": 0.3})
 
 

@@ -13,16 +13,12 @@ from torch import Tensor, nn
 from minsnr.pareto.gram import Range, gram_matrix, make_task_batch
 from minsnr.pareto.solvers import Solution, frank_wolfe, objective, ugd
 from minsnr.schedule import Schedule
-from minsnr.weighting import x0_weight
+from minsnr.weighting import STRATEGIES, x0_weight
 
-# The fixed weightings of figure 4 with the paper's gammas (section 3.4): name -> (strategy, gamma).
+# The fixed weightings of figure 4 with the paper's gammas (section 3.4; the registry's defaults): name ->
+# (strategy, gamma). `plain` is left out: its x0-space weight depends on the target, figure 4's does not.
 FIGURE4: dict[str, tuple[str, float | None]] = {
-    "const": ("const", None),
-    "snr": ("snr", None),
-    "max_snr": ("max_snr", 1.0),
-    "min_snr": ("min_snr", 5.0),
-    "soft_min_snr": ("soft_min_snr", 5.0),
-}
+    name: (name, default_gamma) for name, (_, default_gamma) in STRATEGIES.items() if name != "plain"}
 
 ImageSampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor | None]]
 

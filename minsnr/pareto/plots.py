@@ -15,9 +15,11 @@ import numpy as np  # noqa: E402
 from numpy.typing import ArrayLike  # noqa: E402
 
 from minsnr.pareto.gram import Range  # noqa: E402
+from minsnr.weighting import STRATEGIES  # noqa: E402
 
-LABELS = {"const": "Const", "snr": "SNR", "max_snr": "Max-SNR-1", "min_snr": "Min-SNR-5",
-          "soft_min_snr": "Soft-Min-SNR-5", "ugd": "UGD", "frank_wolfe": "Frank-Wolfe"}
+# Display names in the paper's spelling, with the default gamma (Max-SNR-1, Min-SNR-5, ...).
+LABELS = {**{name: name.replace("_", "-").title().replace("Snr", "SNR") + ("" if g is None else f"-{g:g}")
+             for name, (_, g) in STRATEGIES.items()}, "ugd": "UGD", "frank_wolfe": "Frank-Wolfe"}
 
 
 def _range_labels(ranges: list[Range]) -> list[str]:
