@@ -123,33 +123,36 @@ def plot(result: dict[str, Any], path: Path) -> None:
     runs = result["runs"]
     targets = list(dict.fromkeys(r["target"] for r in runs))
     weightings = list(dict.fromkeys(r["name"].split("_", 1)[1] for r in runs))
-    color = {w: f"C{i}" for i, w in enumerate(weightings)}
+    palette = plt.get_cmap("tab20").colors if len(weightings) > 10 else [f"C{i}" for i in range(10)]
+    color = {w: palette[i % len(palette)] for i, w in enumerate(weightings)}
     fig, axes = plt.subplots(1, len(targets) + 1, figsize=(4.2 * len(targets) + 5.5, 3.8), squeeze=False,
                              gridspec_kw={"width_ratios": [1] * len(targets) + [1.4]})
     for ax, target in zip(axes[0], targets):
-        for r in [r for r in runs if r["target"] == target]:
+        panel = [r for r in runs if r["target"] == target and r["steps"]]  # runs not started yet have no line
+        for r in panel:
             w = r["name"].split("_", 1)[1]
-            label = w + (" (reference)" if r["reference"] else "")
+            s = r["speed"] or {}
+            label = w + (" (reference)" if r["reference"] else f" {s['speedup']:.2f}x" if s.get("speedup") else "")
             if r["status"] == "diverged":
                 label += f", diverged at {r['status_step']}"
             ax.plot(r["steps"], r["values"], marker=".", color=color[w], label=label)
-            if r["status"] == "diverged" and r["steps"]:
+            if r["status"] == "diverged":
                 ax.plot(r["steps"][-1:], r["values"][-1:], "x", color=color[w], markersize=10)
-            s = r["speed"] or {}
             if r["reference"] and s.get("threshold") is not None:
                 ax.axhline(s["threshold"], color="gray", linestyle="--", linewidth=0.8)
             elif s.get("speedup") is not None:
                 ax.plot([s["step"]], [s["threshold"]], "o", color=color[w])
-                ax.annotate(f"{s['speedup']:.2f}x", (s["step"], s["threshold"]), textcoords="offset points",
-                            xytext=(4, -12), color=color[w])
+                if len(panel) <= 4:  # with more runs the speed-ups are in the legend only (labels would overlap)
+                    ax.annotate(f"{s['speedup']:.2f}x", (s["step"], s["threshold"]), textcoords="offset points",
+                                xytext=(4, -12), color=color[w])
         ax.set_title(f"target {target}")
         ax.set_xlabel("training step")
         ax.set_ylabel(result["metric"])
-        values = [v for r in runs if r["target"] == target for v in r["values"]]
+        values = [v for r in panel for v in r["values"]]
         if values:
             if max(values) > 5 * min(values) > 0:
                 ax.set_yscale("log")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8 if len(panel) <= 6 else 6.5)
     _bin_panel(axes[0, -1], [r for r in runs if r["bin_mse"]])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
