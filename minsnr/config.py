@@ -19,8 +19,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from minsnr.registry import did_you_mean
 from minsnr.sampling import DEFAULT_SAMPLER
-from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS
-from minsnr.weighting import ADAPTIVE, DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTINGS
+from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, check_weighting
+from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTINGS
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on the CPU
@@ -264,10 +264,10 @@ def validate(cfg: Config) -> None:
     if cfg.loss.gamma is not None:
         _positive("loss.gamma", cfg.loss.gamma)
     _positive("loss.adapt_every", cfg.loss.adapt_every)
-    if cfg.loss.weighting in ADAPTIVE and cfg.loss.timesteps == "importance":
-        raise ConfigError(f"loss.timesteps=importance samples t by a fixed weight, but loss.weighting="
-                          f"{cfg.loss.weighting} changes its weight while training; use loss.timesteps=uniform "
-                          "(or lognormal, logit_normal) or a fixed weighting")
+    try:
+        check_weighting(cfg.loss.timesteps, cfg.loss.weighting)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not 0.0 <= cfg.loss.label_dropout < 1.0:
         raise ConfigError(f"loss.label_dropout={cfg.loss.label_dropout} must be in [0, 1)")
     if cfg.loss.label_dropout > 0 and cfg.model.num_classes == 0:

@@ -117,15 +117,15 @@ def diffusion_loss(model: nn.Module | Callable[..., Tensor], x0: Tensor, labels:
     (minsnr.adaptive): the loss is then mean(scale(t) * base weight * mse + offset(t)).
     """
     _check_target(target)
+    ts = timesteps if isinstance(timesteps, Timesteps) else None
+    if ts is None and (t is None or _reweights(timesteps)):  # type: ignore[arg-type]
+        ts = make_timesteps(timesteps, schedule, weighting, gamma, target)  # type: ignore[arg-type]
     if isinstance(weighting, str) and weighting in ADAPTIVE:
         if adaptive is None:
             raise ValueError(f"weighting {weighting!r} is stateful: pass adaptive=minsnr.adaptive.make_adaptive(...)")
         weighting = ADAPTIVE[weighting]
     elif adaptive is not None:
         raise ValueError(f"adaptive= is given but weighting {weighting!r} is fixed; use 'learned' or 'pareto'")
-    ts = timesteps if isinstance(timesteps, Timesteps) else None
-    if ts is None and (t is None or _reweights(timesteps)):  # type: ignore[arg-type]
-        ts = make_timesteps(timesteps, schedule, weighting, gamma, target)  # type: ignore[arg-type]
     if t is None:
         t = ts.draw(x0.shape[0], generator)  # type: ignore[union-attr]
     if noise is None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from minsnr.registry import lookup
 from minsnr.schedule import Schedule
-from minsnr.weighting import Strategy, loss_weight
+from minsnr.weighting import ADAPTIVE, Strategy, loss_weight
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,26 @@ class Timesteps:
         return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.cdf.shape[0] - 1)
 
 
+def check_weighting(distribution: str | Distribution, weighting: Strategy) -> None:
+    """Importance sampling draws t in proportion to a fixed weight; a stateful weighting (weighting.ADAPTIVE)
+    changes its weight while training, so the two do not combine (ValueError)."""
+    dist = lookup(TIMESTEPS, distribution, "loss.timesteps") if isinstance(distribution, str) else distribution
+    if dist.same_objective and isinstance(weighting, str) and weighting in ADAPTIVE:
+        others = ", ".join(name for name, d in TIMESTEPS.items() if not d.same_objective)
+        raise ValueError(f"loss.timesteps={distribution} needs a fixed weight to sample t from, but loss.weighting="
+                         f"{weighting} changes its weight while training; use loss.timesteps={others} or a "
+                         "fixed weighting")
+
+
 def make_timesteps(distribution: str | Distribution, schedule: Schedule, weighting: Strategy, gamma: float | None,
                    target: str) -> Timesteps:
-    """The named distribution (a key of TIMESTEPS) for this schedule, weighting and target."""
+    """The named distribution (a key of TIMESTEPS) for this schedule, weighting and target. A stateful
+    weighting (weighting.ADAPTIVE) is drawn for by its fixed base strategy (`check_weighting` first)."""
+    check_weighting(distribution, weighting)
     dist = lookup(TIMESTEPS, distribution, "loss.timesteps") if isinstance(distribution, str) else distribution
     t = torch.arange(schedule.num_timesteps, device=schedule.alphas_cumprod.device)
-    w = loss_weight(schedule.snr(t), weighting, gamma, target)  # float64: the schedule is float64
+    base = ADAPTIVE.get(weighting, weighting) if isinstance(weighting, str) else weighting
+    w = loss_weight(schedule.snr(t), base, gamma, target)  # float64: the schedule is float64
     pmf = dist.pmf(schedule, w)
     if pmf.shape != w.shape or not bool(torch.isfinite(pmf).all()) or bool((pmf < 0).any()) or float(pmf.sum()) <= 0:
         raise ValueError(f"timestep distribution {distribution!r} gave no valid probabilities over {len(w)} steps")

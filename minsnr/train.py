@@ -40,7 +40,6 @@ from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
 from minsnr.step import CPU_ATTENTION, StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
 from minsnr.timesteps import make_timesteps
-from minsnr.weighting import ADAPTIVE
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,11 +114,7 @@ class Trainer:
         check_data_fits(cfg, self.dataset)
         self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
         loss = cfg.loss  # the distribution of t (uniform in the paper) and its weight correction, built once
-        if loss.weighting in ADAPTIVE and loss.timesteps == "importance":
-            raise ConfigError(f"loss.timesteps=importance needs a fixed weight; loss.weighting={loss.weighting} changes "
-                              "its weight while training: use loss.timesteps=uniform or a fixed weighting")
-        self.timesteps = make_timesteps(loss.timesteps, self.schedule, ADAPTIVE.get(loss.weighting, loss.weighting),
-                                        loss.gamma, loss.target)
+        self.timesteps = make_timesteps(loss.timesteps, self.schedule, loss.weighting, loss.gamma, loss.target)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
         self.model = build_model(cfg.model).to(self.device)
         self.ema = ema_copy(self.model)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
-from minsnr.timesteps import TIMESTEPS
-from minsnr.weighting import ADAPTIVE, STRATEGIES, TARGETS, WEIGHTINGS
+from minsnr.timesteps import TIMESTEPS, check_weighting
+from minsnr.weighting import STRATEGIES, TARGETS, WEIGHTINGS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
 PROPOSAL = "min_snr"
@@ -88,9 +88,11 @@ def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunS
         raise ConfigError(f"weighting {token!r}: timestep distribution {timesteps!r} is not valid; choose from "
                           f"{', '.join(TIMESTEPS)}")
     spec = _parse_strategy(head, token, target, config_gamma)
-    if timesteps and TIMESTEPS[timesteps].same_objective and spec.weighting in ADAPTIVE:
-        raise ConfigError(f"weighting {token!r}: {timesteps} sampling needs a fixed weight to sample from; "
-                          f"{spec.weighting} changes while it trains")
+    if timesteps:
+        try:
+            check_weighting(timesteps, spec.weighting)
+        except ValueError as err:
+            raise ConfigError(f"weighting {token!r}: {err}") from None
     return dataclasses.replace(spec, timesteps=timesteps or None)
 
 
