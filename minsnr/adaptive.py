@@ -24,22 +24,17 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
+from minsnr.runlog import NUM_BINS, bin_names
 from minsnr.schedule import Schedule
-from minsnr.weighting import ADAPTIVE, x0_weight
+from minsnr.weighting import ADAPTIVE, DEFAULT_WEIGHTING, x0_weight
 
-NUM_BINS = 10  # u is logged per tenth of the timesteps, the bins of figure 6 (as minsnr.runlog)
 FOURIER_CHANNELS = 128  # EDM2's logvar_channels
 FOURIER_SEED = 0  # the features are fixed, the same for every run (like the schedule)
-PARETO_TASKS = 10  # equal timestep ranges, as the `train.pareto_every` monitor
-PARETO_IMAGES = 8  # probe images per task
+PARETO_TASKS = 10  # equal timestep ranges (the `train.pareto_every` monitor uses the same)
+PARETO_IMAGES = 8  # probe images per task (also the monitor's)
 PARETO_SMOOTHING = 0.9  # w <- 0.9 w + 0.1 (normalised UGD optimum) at every update
-PARETO_START = ("min_snr", 5.0)
-PARETO_LAMBDA = 0.0  # eq. 10 (eq. 11 without the penalty), as the `train.pareto_every` monitor
-
-
-def _bin_names(num_timesteps: int) -> list[str]:
-    width = num_timesteps // NUM_BINS
-    return [f"{k * width:03d}-{(k + 1) * width - 1:03d}" for k in range(NUM_BINS)]
+PARETO_START = (DEFAULT_WEIGHTING, None)  # Min-SNR-5, the paper's proposal (gamma None: the registry's default)
+PARETO_LAMBDA = 0.0  # eq. 10 (eq. 11 without the penalty), also the monitor's default
 
 
 class LearnedWeight(nn.Module):
@@ -56,7 +51,7 @@ class LearnedWeight(nn.Module):
         self.register_buffer("features", (math.sqrt(2) * torch.cos(2 * math.pi * (c * freqs + phases))).float())
         self.weight = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(()))
-        self.bins = _bin_names(schedule.num_timesteps)
+        self.bins = bin_names(schedule.num_timesteps)  # u is logged per bin of figure 6, as the x0 MSE
 
     def u(self, t: Tensor) -> Tensor:
         """u(t) float32 [B] (elementwise ops: autocast leaves them in float32)."""

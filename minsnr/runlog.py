@@ -20,11 +20,18 @@ from minsnr.extras import optional
 NUM_BINS = 10
 
 
+def bin_names(num_timesteps: int) -> list[str]:
+    """The NUM_BINS timestep bins of figure 6 as logged: '000-099', '100-199', ... for T = 1000."""
+    width = num_timesteps // NUM_BINS
+    return [f"{k * width:03d}-{(k + 1) * width - 1:03d}" for k in range(NUM_BINS)]
+
+
 class BinStats:
     """Sums of the weighted loss and of the unweighted x0 MSE per timestep bin, on the device."""
 
     def __init__(self, num_timesteps: int, device: torch.device):
         self.num_timesteps = num_timesteps
+        self.names = bin_names(num_timesteps)
         self.mse = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
         self.count = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
         self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, steps]
@@ -41,11 +48,10 @@ class BinStats:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
         mse, count, loss = packed[:NUM_BINS], packed[NUM_BINS:2 * NUM_BINS], packed[2 * NUM_BINS:]
-        width = self.num_timesteps // NUM_BINS
         out = {"loss": (loss[0] / loss[1].clamp(min=1)).item()}
         for k, (m, c) in enumerate(zip(mse.tolist(), count.tolist())):
             if c > 0:
-                out[f"mse_x0/{k * width:03d}-{(k + 1) * width - 1:03d}"] = m / c
+                out[f"mse_x0/{self.names[k]}"] = m / c
         for buf in (self.mse, self.count, self.loss):
             buf.zero_()
         return out

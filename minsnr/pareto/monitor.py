@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from minsnr.config import Config
-from minsnr.pareto.common import labels_for
+from minsnr.adaptive import PARETO_IMAGES, PARETO_LAMBDA, PARETO_TASKS, probe_images
 from minsnr.pareto.compare import fixed_weights, negative_cosine_fraction
 from minsnr.pareto.gram import equal_ranges, gram_matrix, make_task_batch
 from minsnr.pareto.solvers import objective, ugd
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule: Schedule, cfg: Config, *,
-                   num_tasks: int = 10, lam: float = 0.0, seed: int = 0) -> dict[str, float]:
+                   num_tasks: int = PARETO_TASKS, lam: float = PARETO_LAMBDA, seed: int = 0) -> dict[str, float]:
     """Metrics for one monitor step; call every `train.pareto_every` steps with the same x0 and labels.
 
     `model` is the raw module (not DDP- or compile-wrapped). Timesteps and noise come from `seed`, so
@@ -41,18 +41,15 @@ def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule
     return out
 
 
-def make_pareto_hook(cfg: Config, *, images: int = 8, num_tasks: int = 10,
-                     lam: float = 0.0) -> Callable[["HookContext"], dict[str, float]]:
+def make_pareto_hook(cfg: Config, *, images: int = PARETO_IMAGES, num_tasks: int = PARETO_TASKS,
+                     lam: float = PARETO_LAMBDA) -> Callable[["HookContext"], dict[str, float]]:
     """The trainer's `train.pareto_every` hook: `pareto_metrics` of the training weights (ctx.model) on
     `images` un-augmented training images chosen once by train.seed."""
     fixed: list[tuple[Tensor, Tensor | None]] = []
 
     def hook(ctx: "HookContext") -> dict[str, float]:
         if not fixed:
-            gen = torch.Generator().manual_seed(cfg.train.seed)
-            idx = torch.randperm(len(ctx.dataset), generator=gen)[:images].tolist()
-            x, y, _ = ctx.dataset.get_batch(idx)
-            labels = labels_for(ctx.model, ctx.dataset, y)
+            x, labels = probe_images(ctx.dataset, ctx.model, cfg.train.seed, images)  # as `pareto` weighting's
             fixed.append((x.to(ctx.device), None if labels is None else labels.to(ctx.device)))
         x0, labels = fixed[0]
         return pareto_metrics(ctx.model, x0, labels, ctx.schedule, cfg, num_tasks=num_tasks, lam=lam,
