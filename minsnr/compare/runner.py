@@ -192,10 +192,9 @@ def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: 
     return True
 
 
-def prepare_runs(base: Config, settings: Settings, run_dir: Path, classifier: str | None, threads: int,
-                 state: dict[str, Any]) -> tuple[list[RunSpec], list[tuple[RunSpec, Path]]]:
-    """Write every run's config.yaml, add new runs to the state; -> (all runs, runs that need training)."""
-    specs = run_matrix(settings, base.loss.gamma)
+def prepare_runs(base: Config, specs: list[RunSpec], bin_images: int, run_dir: Path, classifier: str | None,
+                 threads: int, state: dict[str, Any]) -> list[tuple[RunSpec, Path]]:
+    """Write every run's config.yaml, add new runs to the state; -> the runs that need training."""
     todo = []
     for spec in specs:
         entry = {"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
@@ -204,14 +203,14 @@ def prepare_runs(base: Config, settings: Settings, run_dir: Path, classifier: st
             state["runs"].append(entry)
         cfg = run_config(base, spec, run_dir, classifier, threads)
         folder = Path(cfg.run_dir)
-        done = run_is_done(folder, base.train.steps, settings.bin_images)
+        done = run_is_done(folder, base.train.steps, bin_images)
         if done:
             print(f"{spec.name}: {done} earlier, reused" + (" (delete the folder to retry)" if done == "diverged" else ""))
             continue
         folder.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, folder / "config.yaml")
         todo.append((spec, folder / "config.yaml"))
-    return specs, todo
+    return todo
 
 
 def compare(base: Config, settings: Settings, *, report_only: bool = False) -> tuple[int, dict[str, Any]]:
@@ -222,13 +221,14 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     from minsnr.compare.classifier import ensure_classifier
 
     check_base(base)
+    specs = run_matrix(settings, base.loss.gamma)
     run_dir = Path(base.run_dir)
     metric = "fid" if settings.classifier == "inception" else "fid_cls"
     if report_only:
         state = read_json(run_dir / STATE)
         if state is None:
             raise ConfigError(f"{run_dir / STATE} not found: nothing to report (run without --report-only first)")
-        return _report(run_dir, run_matrix(settings, base.loss.gamma), state, metric), state["report"]
+        return _report(run_dir, specs, state, metric), state["report"]
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = (run_dir / "compare.lock").open("w")
     try:
@@ -239,10 +239,9 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     cores = sorted(os.sched_getaffinity(0))
     state = load_state(run_dir, base, settings.classifier)
     classifier = ensure_classifier(base, settings, run_dir, "cuda" if on_gpu else "cpu")
-    n_runs = len(run_matrix(settings, base.loss.gamma))
-    jobs = settings.jobs or (n_runs if on_gpu else min(n_runs, len(cores)))
+    jobs = settings.jobs or (len(specs) if on_gpu else min(len(specs), len(cores)))
     threads = base.train.threads or len(slots(jobs, cores)[0])  # fixed per comparison: results depend on it
-    specs, todo = prepare_runs(base, settings, run_dir, classifier, threads, state)
+    todo = prepare_runs(base, specs, settings.bin_images, run_dir, classifier, threads, state)
     write_json(run_dir / STATE, state)
     finished = True
     if todo:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -26,23 +25,14 @@ LOSSES = "compare_losses.json"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: a reader never sees half a file, a kill never leaves one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Atomic (checkpoint.atomic_write): a reader never sees half a file, a kill never leaves one."""
+    from minsnr.checkpoint import atomic_write  # lazily: the report reads JSON without importing torch
+
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def diverged_step(err: Exception) -> int | None:
-    """The step of a NonFiniteLoss: its `step` attribute if it has one, else the number in its message."""
-    step = getattr(err, "step", None)
-    if step is None:
-        found = re.search(r"at step (\d+)", str(err))
-        step = int(found.group(1)) if found else None
-    return None if step is None else int(step)
 
 
 def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[str, Any]:
@@ -116,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         final_bin_losses(run_dir, result["step"], a.bin_images)
     except NonFiniteLoss as err:
-        write_json(status, {"state": "diverged", "step": diverged_step(err), "message": str(err)})
+        write_json(status, {"state": "diverged", "step": err.step, "message": str(err)})
         print(f"diverged: {err}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
