@@ -25,6 +25,9 @@ from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTI
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on the CPU
 DEVICES = ("auto", "cpu", "cuda")
+# log.eval_metric: auto = fid_cls with log.eval_classifier, else the Inception fid; bpd = the held-out
+# variational bound in bits per dimension (minsnr.evaluate.likelihood: no labels, classifier or weights needed)
+EVAL_METRICS = ("auto", "fid_cls", "fid", "bpd")
 
 
 @dataclass
@@ -105,6 +108,7 @@ class LogConfig:
     eval_every: int = 0  # periodic fid_cls / FID every N steps; 0 disables
     eval_num: int = 1000
     eval_classifier: Optional[str] = None  # classifier checkpoint for fid_cls
+    eval_metric: str = "auto"  # one of EVAL_METRICS
 
 
 @dataclass
@@ -252,7 +256,8 @@ def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
     return {"model.name": MODELS, "data.source": SOURCES, "data.crop": CROPS, "schedule.name": SCHEDULES,
             "loss.target": TARGETS, "loss.weighting": WEIGHTINGS, "loss.timesteps": TIMESTEPS,
             "train.precision": PRECISIONS, "train.device": DEVICES, "train.compile_mode": COMPILE_MODES,
-            "train.attention": ATTENTION, "sample.sampler": SAMPLERS}
+            "train.attention": ATTENTION, "sample.sampler": SAMPLERS,
+            "log.eval_metric": EVAL_METRICS}
 
 
 def validate(cfg: Config) -> None:
@@ -263,6 +268,8 @@ def validate(cfg: Config) -> None:
         _positive("sample.sigma_max", cfg.sample.sigma_max)
     if cfg.loss.gamma is not None:
         _positive("loss.gamma", cfg.loss.gamma)
+    if cfg.log.eval_metric == "fid_cls" and not cfg.log.eval_classifier:
+        raise ConfigError("log.eval_metric=fid_cls needs log.eval_classifier (a file from `minsnr train-classifier`)")
     _positive("loss.adapt_every", cfg.loss.adapt_every)
     try:
         check_weighting(cfg.loss.timesteps, cfg.loss.weighting)

@@ -5,6 +5,8 @@ and the same seed (so the curve shows the model changing, not the noise), then s
 training images: `fid_cls` and `cls_acc` with the classifier log.eval_classifier (from `minsnr
 train-classifier`), or the Inception `fid` when no classifier is set. The reference statistics (up to
 50,000 training images, evenly spaced) are computed once and cached in RUN_DIR/eval/.
+log.eval_metric=bpd logs instead the variational bound in bits per dimension of log.eval_num held-out
+images (minsnr.evaluate.likelihood), which needs no sampling, labels or classifier.
 """
 
 from __future__ import annotations
@@ -68,6 +70,27 @@ def make_scorer(path: str | None, dataset: Any, cache_dir: Path, cfg: Config,
     return lambda batches, labels: {"fid": frechet_distance(*compute_stats(batches, features), *ref)}
 
 
+def metric_of(cfg: Config) -> str:
+    """The score log.eval_every logs: log.eval_metric, with auto = fid_cls when a classifier is set, else fid."""
+    if cfg.log.eval_metric != "auto":
+        return cfg.log.eval_metric
+    return "fid_cls" if cfg.log.eval_classifier else "fid"
+
+
+def make_bpd_scorer(cfg: Config, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
+    """EMA model -> {"bpd", "bpd_prior", "bpd_diffusion", "bpd_decoder"} on log.eval_num held-out images (the
+    test split, else training images, said once), the same images, timesteps and noise at every call."""
+    from minsnr.evaluate.likelihood import bits_per_dim, held_out_images
+    from minsnr.schedule import make_schedule
+
+    x, labels, split = held_out_images(cfg, cfg.log.eval_num)
+    if split != "test":
+        print(f"bits/dim: data.source={cfg.data.source} has no test split; scoring {len(x)} training images")
+    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
+    return lambda model: bits_per_dim(model, schedule, cfg.loss.target, x, labels, seed=cfg.train.seed,
+                                      batch_size=cfg.train.batch_size, device=device)
+
+
 def make_eval_hook(cfg: Config) -> Callable[[Any], dict[str, float]]:
     """A minsnr.train Hook function: ctx (ema, device, run_dir, dataset) -> metrics to log."""
     if cfg.data.source == "latent":
@@ -75,14 +98,19 @@ def make_eval_hook(cfg: Config) -> Callable[[Any], dict[str, float]]:
                          "`minsnr sample` + `minsnr fid` on their checkpoints")
     if cfg.log.eval_num < 2:
         raise ValueError(f"log.eval_num={cfg.log.eval_num} must be >= 2")
-    if not cfg.log.eval_classifier:  # before training, not at the first evaluation
+    metric = metric_of(cfg)
+    if metric == "fid":  # before training, not at the first evaluation
         require("torch_fidelity", "the Inception FID of log.eval_every; or set log.eval_classifier")
-    scorer: list[Callable[[list[np.ndarray], np.ndarray | None], dict[str, float]]] = []
+    scorer: list[Callable[..., dict[str, float]]] = []
 
     def hook(ctx: Any) -> dict[str, float]:
+        if metric == "bpd":
+            if not scorer:
+                scorer.append(make_bpd_scorer(cfg, ctx.device))
+            return scorer[0](ctx.ema)
         if not scorer:
-            scorer.append(make_scorer(cfg.log.eval_classifier, ctx.dataset, Path(ctx.run_dir) / "eval", cfg,
-                                      ctx.device))
+            path = cfg.log.eval_classifier if metric == "fid_cls" else None
+            scorer.append(make_scorer(path, ctx.dataset, Path(ctx.run_dir) / "eval", cfg, ctx.device))
         return scorer[0](*draw_samples(ctx.ema, cfg, cfg.log.eval_num, ctx.device, cfg.train.batch_size))
 
     return hook
