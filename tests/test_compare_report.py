@@ -1,4 +1,5 @@
-"""Speed-up arithmetic of `minsnr compare` on hand-made curves, and the report built from run folders."""
+"""The report of `minsnr compare` built from run folders: per-seed curves, readings against the same seed's
+reference, the summary over seeds, the tables, compare.json and compare.png; run names and matrices."""
 
 import json
 from pathlib import Path
@@ -7,53 +8,17 @@ import numpy as np
 import pytest
 
 from minsnr.compare import report
-from minsnr.compare.presets import CONFIGS, RunSpec, Settings, run_config, run_matrix
+from minsnr.compare.presets import RunSpec, Settings, run_config, run_folder, run_matrix, seed_values
 from minsnr.compare.worker import STATUS
-from minsnr.config import ConfigError, load_config
+from minsnr.config import PACKAGED_CONFIGS, ConfigError, load_config
 
-CPU = CONFIGS / "compare" / "cpu.yaml"
-
-STEPS = np.array([100.0, 200.0, 300.0, 400.0])
-BASE = (STEPS, np.array([50.0, 30.0, 20.0, 25.0]))  # best 20, first reached at step 300
+CPU = PACKAGED_CONFIGS / "compare" / "cpu.yaml"
+STEPS = list(range(100, 1201, 100))
 
 
-def test_crossing_between_evaluations_is_interpolated():
-    run = (STEPS, np.array([40.0, 25.0, 15.0, 10.0]))
-    s = report.speedup(BASE, run)
-    # 20 is crossed between (200, 25) and (300, 15): 200 + (25 - 20) / (25 - 15) * 100 = 250
-    assert s["threshold"] == 20 and s["baseline_step"] == 300
-    assert s["step"] == pytest.approx(250) and s["speedup"] == pytest.approx(300 / 250)
-
-
-def test_reached_at_an_evaluation_and_already_at_the_first():
-    assert report.speedup(BASE, (STEPS, np.array([30.0, 20.0, 19.0, 18.0])))["speedup"] == pytest.approx(1.5)
-    assert report.speedup(BASE, (STEPS, np.array([10.0, 9.0, 8.0, 7.0])))["speedup"] == pytest.approx(3.0)
-
-
-def test_equal_curves_give_one():
-    s = report.speedup(BASE, BASE)
-    assert s["speedup"] == 1.0 and s["step"] == 300
-
-
-def test_never_reached_gives_only_a_bound():
-    s = report.speedup(BASE, (STEPS, np.array([60.0, 40.0, 30.0, 21.0])))
-    assert s["step"] is None and s["speedup"] is None
-    assert s["below"] == pytest.approx(300 / 400)  # it would need more than its 400 steps
-    s = report.speedup(BASE, (STEPS[:2], np.array([60.0, 40.0])), run_diverged=True)
-    assert s["speedup"] is None and s["below"] is None  # a diverged run never gets there
-
-
-def test_baseline_diverged_is_scored_by_its_best_before_and_without_evaluations_gives_nothing():
-    diverged = (np.array([100.0, 200.0]), np.array([50.0, 30.0]))
-    s = report.speedup(diverged, (STEPS, np.array([40.0, 20.0, 10.0, 5.0])))
-    assert s["threshold"] == 30 and s["baseline_step"] == 200
-    assert s["step"] == pytest.approx(150) and s["speedup"] == pytest.approx(200 / 150)
-    s = report.speedup((np.zeros(0), np.zeros(0)), (STEPS, np.array([40.0, 20.0, 10.0, 5.0])))
-    assert s["speedup"] is None and s["threshold"] is None
-
-
-def write_run(root: Path, name: str, steps: list[int], values: list[float], state: str, step: int | None) -> None:
-    folder = root / name
+def write_run(root: Path, seed: int, name: str, steps: list[int], values: list[float], state: str,
+              step: int | None) -> None:
+    folder = run_folder(root, seed, name)
     folder.mkdir(parents=True)
     lines = [json.dumps({"step": s, "loss": 0.1}) + "\n" + json.dumps({"step": s, "fid_cls": v, "cls_acc": 0.5})
              for s, v in zip(steps, values)]
@@ -61,33 +26,51 @@ def write_run(root: Path, name: str, steps: list[int], values: list[float], stat
     (folder / STATUS).write_text(json.dumps({"state": state, "step": step, "message": ""}))
 
 
-def test_report_from_run_folders(tmp_path):
+def falling(speed: float, wobble: float) -> list[float]:
+    """A score falling from ~300 to ~10 over 1,200 steps, `speed` times as fast, with a small wobble."""
+    s = np.array(STEPS, dtype=float) * speed
+    return list(8 + 300 / (1 + s / 150) ** 1.5 * (1 + wobble * np.cos(np.arange(len(s)))))
+
+
+def test_report_over_seeds_from_run_folders(tmp_path):
     specs = run_matrix(Settings(targets=["x0", "eps"]), 5.0)
     assert [s.name for s in specs] == ["x0_const", "x0_min_snr", "eps_snr", "eps_min_snr"]
-    write_run(tmp_path, "x0_const", [100, 200, 300, 400], [50, 30, 20, 25], "finished", 400)
-    write_run(tmp_path, "x0_min_snr", [100, 200, 300, 400], [40, 25, 15, float("nan")], "finished", 400)
-    write_run(tmp_path, "eps_snr", [100, 200], [50, 30], "diverged", 250)
-    write_run(tmp_path, "eps_min_snr", [100, 200, 300, 400], [40, 20, 10, 5], "finished", 400)
-    state = {"steps": 400, "eval_every": 100}
-    result = report.build(tmp_path, specs, state, "fid_cls")
+    for seed, wobble in zip((0, 1, 2), (0.02, -0.03, 0.01)):
+        write_run(tmp_path, seed, "x0_const", STEPS, falling(1.0, wobble), "finished", 1200)
+        write_run(tmp_path, seed, "x0_min_snr", STEPS, falling(2.0, -wobble), "finished", 1200)
+        write_run(tmp_path, seed, "eps_min_snr", STEPS, falling(1.0, wobble), "finished", 1200)
+    write_run(tmp_path, 0, "eps_snr", STEPS[:5], falling(1.0, 0.0)[:5], "diverged", 550)
+    write_run(tmp_path, 1, "eps_snr", STEPS, falling(1.0, 0.01)[:-1] + [float("nan")], "finished", 1200)
+    # seed 2 of eps_snr has not started: its pair is left out of the summary
+    result = report.build(tmp_path, specs, [0, 1, 2], {"steps": 1200, "eval_every": 100}, "fid_cls")
     runs = {r["name"]: r for r in result["runs"]}
-    assert runs["x0_min_snr"]["speed"]["speedup"] == pytest.approx(300 / 250)
-    assert runs["x0_min_snr"]["steps"] == [100, 200, 300] and "1 non-finite" in runs["x0_min_snr"]["note"]
-    assert runs["eps_snr"]["status"] == "diverged" and runs["eps_snr"]["status_step"] == 250
-    assert runs["eps_min_snr"]["speed"]["speedup"] == pytest.approx(200 / 150)
-    assert "reference diverged at step 250" in runs["eps_min_snr"]["note"]
+    x0 = runs["x0_min_snr"]["race"]
+    assert x0["paired_seeds"] == [0, 1, 2]
+    assert x0["levels"]["half"]["geomean"] == pytest.approx(2.0, rel=0.15)
+    assert x0["levels"]["half"]["verdict"] == "faster" and x0["headline"]["verdict"] == "faster"
+    # the reference reaches its quarter level at step 300, the run before its second evaluation: a bound
+    assert x0["levels"]["quarter"]["bounds"] == [">="] * 3 and x0["levels"]["quarter"]["geomean"] == pytest.approx(1.5)
+    eps = runs["eps_min_snr"]["race"]
+    assert eps["paired_seeds"] == [0, 1] and "2 of 3 seeds done" in runs["eps_min_snr"]["note"]
+    assert "reference diverged in seed(s) 0" in runs["eps_min_snr"]["note"]
+    assert runs["eps_snr"]["seeds"][1]["dropped"] == 1 and runs["eps_snr"]["seeds"][2]["status"] == "not started"
+    assert runs["x0_const"]["race"] is None  # the reference is not raced against itself
     text = report.table(result)
-    assert "diverged at 250" in text and "1.20x" in text and "1.33x" in text
+    assert "3 finished" in text and "1 diverged at 550, 1 finished, 1 not started" in text
+    assert "seed0" in text and "seed2" in text and "faster (at ref" in text
     json.dumps(result)  # the report goes into compare.json as is
     report.plot(result, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
-def test_run_names_and_baselines():
+def test_run_names_seeds_and_folders(tmp_path):
     specs = run_matrix(Settings(targets=["v"], weightings=["baseline", "min_snr", "min_snr:3", "plain"]), None)
-    assert [(s.name, s.gamma, s.is_baseline) for s in specs] == [
-        ("v_plain", None, True), ("v_min_snr", 5.0, False), ("v_min_snr_g3", 3.0, False)]
-    assert RunSpec("eps", "snr", None).is_baseline and not RunSpec("eps", "const", None).is_baseline
+    assert [(s.name, s.gamma) for s in specs] == [("v_plain", None), ("v_min_snr", 5.0), ("v_min_snr_g3", 3.0)]
+    base = load_config(CPU, [f"run_dir={tmp_path}", "train.seed=7"])
+    assert seed_values(base, 3) == [7, 8, 9]
+    cfg = run_config(base, specs[1], tmp_path, None, 1, seed=8, metric="bpd")
+    assert cfg.run_dir == str(tmp_path / "seed8" / "v_min_snr") and cfg.train.seed == 8
+    assert cfg.log.eval_metric == "bpd" and cfg.loss.target == "v" and cfg.loss.gamma == 5.0
 
 
 def test_timestep_distributions_and_a_chosen_reference(tmp_path):
@@ -101,14 +84,16 @@ def test_timestep_distributions_and_a_chosen_reference(tmp_path):
     cfgs = {s.name: run_config(base, s, tmp_path, None, 1) for s in specs}
     assert cfgs["eps_const@logit_normal"].loss.timesteps == "logit_normal"
     assert cfgs["eps_min_snr"].loss.timesteps == base.loss.timesteps == "uniform"
-    for name, values in [("eps_min_snr", [40, 30, 20]), ("eps_min_snr_g1", [30, 20, 10]),
-                         ("eps_const@logit_normal", [50, 45, 40]), ("eps_min_snr@importance", [40, 30, 20])]:
-        write_run(tmp_path, name, [100, 200, 300], values, "finished", 300)
-    runs = {r["name"]: r for r in report.build(tmp_path, specs, {"steps": 300, "eval_every": 100}, "fid_cls")["runs"]}
-    assert runs["eps_min_snr_g1"]["speed"]["speedup"] == pytest.approx(300 / 200)  # reaches 20 at step 200
-    assert runs["eps_min_snr@importance"]["speed"]["speedup"] == pytest.approx(1.0)
-    assert runs["eps_const@logit_normal"]["speed"]["speedup"] is None
-    assert runs["eps_const@logit_normal"]["speed"]["below"] == pytest.approx(1.0)
+    for name, speed in [("eps_min_snr", 1.0), ("eps_min_snr_g1", 1.5), ("eps_const@logit_normal", 0.2),
+                        ("eps_min_snr@importance", 1.0)]:
+        write_run(tmp_path, 0, name, STEPS, falling(speed, 0.0), "finished", 1200)
+    runs = {r["name"]: r for r in report.build(tmp_path, specs, [0], {"steps": 1200, "eval_every": 100},
+                                                "fid_cls")["runs"]}
+    assert runs["eps_min_snr_g1"]["race"]["levels"]["half"]["geomean"] == pytest.approx(1.5, rel=0.1)
+    assert runs["eps_min_snr@importance"]["race"]["levels"]["half"]["geomean"] == pytest.approx(1.0)
+    slow = runs["eps_const@logit_normal"]["race"]["seeds"][0]["end"]
+    assert slow["bound"] == "<" and slow["step"] is None  # censored: never reaches the reference's end
+    assert runs["eps_min_snr_g1"]["race"]["headline"]["verdict"] == "one seed"
     with pytest.raises(ConfigError, match="lognormal, logit_normal"):
         run_matrix(Settings(targets=["x0"], weightings=["const@lognorm"]), None)
 
@@ -119,3 +104,7 @@ def test_stateful_weightings_race_but_not_with_importance_sampling():
                                                   ("x0_pareto@logit_normal", None)]
     with pytest.raises(ConfigError, match="needs a fixed weight"):
         run_matrix(Settings(targets=["x0"], weightings=["learned@importance"]), None)
+
+
+def test_spec_name_keeps_gamma_and_timesteps_apart():
+    assert RunSpec("eps", "min_snr", 3.0, explicit_gamma=True, timesteps="importance").name == "eps_min_snr_g3@importance"

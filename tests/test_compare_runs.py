@@ -19,7 +19,7 @@ import minsnr.train as trainer_module
 import minsnr.data.loader as loader
 import minsnr.evaluate.periodic as periodic
 from minsnr.compare import cli, worker
-from minsnr.compare.presets import Settings, run_config, run_matrix
+from minsnr.compare.presets import Settings, run_config, run_folder, run_matrix
 from minsnr.compare.runner import _flatten
 from minsnr.config import dump_yaml, load_config, to_dict
 from minsnr.evaluate.classifier import load_labelled, save_classifier, train_classifier
@@ -80,14 +80,15 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
     monkeypatch.setattr(loader.Batches, "__next__", next_batch)
     monkeypatch.setattr(periodic, "sample_images", sample)
     for spec in specs:
-        cfg = run_config(base, spec, tmp_path, classifier, threads=1)
+        cfg = run_config(base, spec, tmp_path, classifier, threads=1, metric="fid_cls")
         path = tmp_path / f"{spec.name}.yaml"
         dump_yaml(cfg, path)
         current["run"] = spec.name
         rec[spec.name] = {"init": None, "inputs": [], "batches": [], "sampler": []}
         assert worker.main([str(path), "--bin-images", "50"]) == 0  # the subprocess's code, in this process
         changed = {k for k, v in _flatten(to_dict(cfg)).items() if _flatten(to_dict(base))[k] != v}
-        assert changed <= {"run_dir", "loss.target", "loss.weighting", "loss.gamma", "log.eval_classifier", "train.threads", "loss.timesteps"}
+        assert changed <= {"run_dir", "loss.target", "loss.weighting", "loss.gamma", "log.eval_classifier", "train.threads",
+                           "loss.timesteps", "log.eval_metric"}
 
     first = rec["x0_const"]
     assert len(first["inputs"]) == 12 and len(first["sampler"]) == 3 * 2  # 6 steps x 2 micro-batches; 3 evals
@@ -105,9 +106,10 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
         assert r["sampler"] == first["sampler"], f"{name}: evaluation with other labels or noise seeds"
     drops = torch.cat([y for _, _, y in first["inputs"]]) == 10
     assert 0 < int(drops.sum()) < len(drops)  # label dropout happened, identically everywhere
-    a, b = (ck.load_checkpoint(tmp_path / n / "checkpoints" / "latest.pt")["model"] for n in ("x0_const", "x0_min_snr"))
+    a, b = (ck.load_checkpoint(run_folder(tmp_path, 0, n) / "checkpoints" / "latest.pt")["model"]
+            for n in ("x0_const", "x0_min_snr"))
     assert any(not torch.equal(a[k], b[k]) for k in a), "the weighting changed nothing"
-    metrics = [[json.loads(line) for line in (tmp_path / s.name / "metrics.jsonl").read_text().splitlines()]
+    metrics = [[json.loads(line) for line in (run_folder(tmp_path, 0, s.name) / "metrics.jsonl").read_text().splitlines()]
                for s in specs]
     assert all([m["step"] for m in ms if "fid_cls" in m] == [2, 4, 6] for ms in metrics)
 
@@ -123,23 +125,24 @@ def test_killed_comparison_resumes_to_the_same_numbers(tmp_path, classifier):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "minsnr", "compare", *_compare_args(killed, classifier, steps)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpts = [killed / n / "checkpoints" / "step_000000010.pt" for n in ("x0_const", "x0_min_snr")]
+    ckpts = [run_folder(killed, 0, n) / "checkpoints" / "step_000000010.pt" for n in ("x0_const", "x0_min_snr")]
     deadline = time.time() + 300
     while not any(p.exists() for p in ckpts) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the comparison and its runs, as a crash would
     proc.wait()
-    statuses = [killed / n / worker.STATUS for n in ("x0_const", "x0_min_snr")]
+    statuses = [run_folder(killed, 0, n) / worker.STATUS for n in ("x0_const", "x0_min_snr")]
     assert any(p.exists() for p in ckpts) and not all(p.exists() for p in statuses), "the kill landed too late"
     assert cli.main(_compare_args(killed, classifier, steps)) == 0  # the same command continues
     a = json.loads((tmp_path / "ref" / "compare.json").read_text())["report"]["runs"]
     b = json.loads((killed / "compare.json").read_text())["report"]["runs"]
     assert [r["name"] for r in a] == [r["name"] for r in b] == ["x0_const", "x0_min_snr"]
     for ra, rb in zip(a, b):
-        assert ra["steps"] == rb["steps"] == list(range(10, steps + 1, 10))
-        assert ra["values"] == rb["values"] and ra["cls_acc"] == rb["cls_acc"], ra["name"]
-        assert ra["bin_mse"] == rb["bin_mse"] and ra["speed"] == rb["speed"]
-    assert len(set(np.round(a[0]["values"], 6))) > 1  # the scores did move
+        sa, sb = ra["seeds"][0], rb["seeds"][0]
+        assert sa["steps"] == sb["steps"] == list(range(10, steps + 1, 10))
+        assert sa["values"] == sb["values"] and sa["cls_acc"] == sb["cls_acc"], ra["name"]
+        assert sa["bin_mse"] == sb["bin_mse"] and ra["race"] == rb["race"]
+    assert len(set(np.round(a[0]["seeds"][0]["values"], 6))) > 1  # the scores did move
 
 
 def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classifier, capsys):
@@ -149,25 +152,27 @@ def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classi
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     runs = {r["name"]: r for r in json.loads((tmp_path / "compare.json").read_text())["report"]["runs"]}
-    bad = runs["x0_max_snr_g3e+38"]
+    bad = runs["x0_max_snr_g3e+38"]["seeds"][0]
     assert bad["status"] == "diverged" and bad["status_step"] == 1 and bad["values"] == []
-    assert runs["x0_const"]["status"] == "finished" and runs["x0_const"]["steps"] == [4]
-    assert "diverged at 1" in out and "finished 4" in out
+    assert runs["x0_const"]["seeds"][0]["status"] == "finished" and runs["x0_const"]["seeds"][0]["steps"] == [4]
+    assert "diverged seed0/x0_max_snr_g3e+38 at step 1" in out and "1 diverged at 1" in out and "1 finished" in out
     session = json.loads((tmp_path / "compare.json").read_text())["sessions"][-1]
-    assert session["runs"] == ["x0_max_snr_g3e+38", "x0_const"] and session["cpu_s"] > 1  # the runs' CPU time
+    assert session["runs"] == ["seed0/x0_max_snr_g3e+38", "seed0/x0_const"] and session["cpu_s"] > 1  # the runs' CPU time
     assert cli.main(args) == 0  # nothing left to train: both reused
     out = capsys.readouterr().out
-    assert "x0_max_snr_g3e+38: diverged earlier" in out and "x0_const: finished earlier" in out
+    assert "seed0/x0_max_snr_g3e+38: diverged earlier" in out and "seed0/x0_const: finished earlier" in out
     assert "started" not in out
-    assert cli.main([*args, "--report-only"]) == 0 and "diverged at 1" in capsys.readouterr().out
+    assert cli.main([*args, "--report-only"]) == 0 and "1 diverged at 1" in capsys.readouterr().out
     assert cli.main([*args, f"run_dir={tmp_path / 'none'}", "--report-only"]) == 2
     assert "nothing to report" in capsys.readouterr().err
     assert cli.main([*args, "optim.lr=0.5"]) == 2
     assert "optim.lr: 0.001 -> 0.5" in capsys.readouterr().err
     assert cli.main([*args, "train.steps=2"]) == 2
     assert "may grow, not shrink" in capsys.readouterr().err
-    assert cli.main([*args, "log.eval_every=3"]) == 2  # not a multiple of log.every=2
-    assert "multiple of log.every" in capsys.readouterr().err
+    assert cli.main([*args, "--seeds", "0"]) == 2
+    assert "--seeds 0: give at least 1" in capsys.readouterr().err
+    assert cli.main([*args, "--metric", "bpd"]) == 2  # the runs were scored on fid_cls
+    assert "scores with 'fid_cls', not 'bpd'" in capsys.readouterr().err
     with (tmp_path / "compare.lock").open("w") as lock:  # as a second comparison on the folder would
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert cli.main(args) == 2
@@ -177,16 +182,17 @@ def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classi
 def test_a_run_stops_and_saves_when_its_comparison_dies(tmp_path, classifier):
     base = load_config(CPU, [*TINY, f"run_dir={tmp_path}", "train.steps=100000", "checkpoint.every=100000"])
     spec = run_matrix(Settings(targets=["x0"]), None)[0]
-    cfg = run_config(base, spec, tmp_path, classifier, threads=1)
-    (tmp_path / spec.name).mkdir()
-    dump_yaml(cfg, tmp_path / spec.name / "config.yaml")
+    cfg = run_config(base, spec, tmp_path, classifier, threads=1, metric="fid_cls")
+    folder = run_folder(tmp_path, 0, spec.name)
+    folder.mkdir(parents=True)
+    dump_yaml(cfg, folder / "config.yaml")
     parent = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', 'minsnr.compare.worker', "
-              f"{str(tmp_path / spec.name / 'config.yaml')!r}, '--parent', str(os.getpid())]); print(p.pid, flush=True); "
+              f"{str(folder / 'config.yaml')!r}, '--parent', str(os.getpid())]); print(p.pid, flush=True); "
               "time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     run = int(proc.stdout.readline())
-    metrics = tmp_path / spec.name / "metrics.jsonl"
-    status = tmp_path / spec.name / worker.STATUS
+    metrics = folder / "metrics.jsonl"
+    status = folder / worker.STATUS
     try:
         deadline = time.time() + 300
         while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
@@ -204,5 +210,5 @@ def test_a_run_stops_and_saves_when_its_comparison_dies(tmp_path, classifier):
     assert status.exists(), "the run kept training after its comparison died"
     state = json.loads(status.read_text())
     assert state["state"] == "stopped" and 0 < state["step"] < 100000
-    saved = ck.load_checkpoint(tmp_path / spec.name / "checkpoints" / "latest.pt")
+    saved = ck.load_checkpoint(folder / "checkpoints" / "latest.pt")
     assert saved["step"] == state["step"]  # it saved where it stopped: a rerun continues from there

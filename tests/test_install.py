@@ -112,7 +112,7 @@ def test_latent_run_without_diffusers_trains_without_previews(monkeypatch, caplo
 
 def test_core_dependencies_are_the_demos_and_the_locks_pin_them():
     core = {_name(r) for r in PYPROJECT["dependencies"]}
-    assert core == {"torch", "numpy", "omegaconf", "pyyaml", "tqdm", "safetensors", "pillow", "scikit-learn"}
+    assert core == {"torch", "numpy", "omegaconf", "pyyaml", "tqdm", "safetensors", "pillow", "scikit-learn", "scipy"}
     extras = PYPROJECT["optional-dependencies"]
     assert set(extras) == {"fid", "latent", "plots", "tensorboard", "test", "all"}
     assert {"matplotlib", "tensorboard"} <= {_name(r) for e in ("plots", "tensorboard") for r in extras[e]}

@@ -1,20 +1,23 @@
 """`minsnr compare PRESET|CONFIG [key=value ...]`: does Min-SNR-gamma converge faster on this data and model?
 
-Trains one run per (target, weighting) from the same config on common random numbers (same initial
-weights, data order, timesteps, noise, label drops; evaluated at the same steps with the same sampler
-noise and labels), each an ordinary resumable run in RUN_DIR/<target>_<weighting>/, then reports fid_cls
-(or FID) against steps, the speed-up of every run over its target's baseline (const for x0, the plain
-eps MSE `snr` for eps, the plain v MSE `plain` for v) and the final unweighted x0 MSE per timestep bin:
-a table, RUN_DIR/compare.json and RUN_DIR/compare.png. Rerun the same command to continue.
+Trains one run per (seed, target, weighting) from the same config; within a seed every weighting shares
+its random numbers (initial weights, data order, timesteps, noise, label drops, evaluation noise), seed k
+uses train.seed + k for all of them. Each run is an ordinary resumable run in RUN_DIR/seed<S>/<target>_<name>/.
+Reports the score (fid_cls, FID or bits/dim) against steps and, for every run against its target's
+reference (by default its baseline: const for x0, the plain eps MSE `snr` for eps, the plain v MSE
+`plain` for v), the speed-up at three quality levels of the reference, per seed and as a geometric mean
+with a 95% interval over the seeds, and a verdict: faster, slower, no clear difference (rules:
+minsnr.compare.verdict). A table, RUN_DIR/compare.json and RUN_DIR/compare.png. Rerun to continue.
 
-    minsnr compare cpu                                  # digits, x0/eps/v x baseline/min_snr, 2 CPU cores
-    minsnr compare cpu data.source=npz data.path=mnist.npz model.input_size=28 model.args.patch_size=4
-    minsnr compare configs/my.yaml --targets x0 --weightings const,min_snr,min_snr:1,soft_min_snr --steps 20000
+    minsnr compare cpu --seeds 3                        # digits, x0/eps/v x baseline/min_snr, 2 CPU cores
+    minsnr compare mnist data.path=mnist.npz --seeds 3 --targets x0,eps   # 28x28, about an hour on 2 cores
+    minsnr compare cpu data.resolution=16 model.input_size=16   # the auto classifier sees 16x16 images too
+    minsnr compare configs/my.yaml data.source=folder data.path=imgs/ model.num_classes=0   # bits/dim
     minsnr compare cpu --targets eps --reference min_snr --weightings min_snr:1,min_snr:20,min_snr@importance
     minsnr compare cifar10 data.path=cifar20k.npz       # one GPU, see configs/compare/cifar10.yaml
 
 Exit codes: 0 every run finished or diverged (a divergence is a result, shown in the table), 1 a run
-failed with an error (its log: RUN_DIR/<run>/compare.log), 2 a bad config or setting, 130 interrupted.
+failed with an error (its log: RUN_DIR/seed<S>/<run>/compare.log), 2 a bad config or setting, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -44,11 +47,15 @@ def main(argv: list[str]) -> int:
                         f"{', '.join(TIMESTEPS)}) (default: baseline,min_snr)")
     p.add_argument("--reference", help="the weighting each run's speed-up is measured against, added when "
                                        "--weightings lacks it (default: baseline; e.g. min_snr)")
+    p.add_argument("--seeds", type=int, help="seeds per run: seed k trains with train.seed + k (default: 1 for a new "
+                                         "comparison, as many as it has for an existing one; 3 or more for a verdict)")
     p.add_argument("--steps", type=int, help="training steps per run (train.steps)")
     p.add_argument("--eval-every", type=int, help="score every K steps (log.eval_every)")
     p.add_argument("--eval-num", type=int, help="samples per evaluation (log.eval_num)")
-    p.add_argument("--classifier", help="auto (train on the config's data, cached in RUN_DIR), a classifier file "
-                                        "from `minsnr train-classifier`, or inception (standard FID)")
+    p.add_argument("--metric", help="the score: auto (fid_cls for labelled data, bpd for unlabelled), fid_cls, fid "
+                                    "(Inception; needs its weights), bpd (held-out bits/dim, no labels needed)")
+    p.add_argument("--classifier", help="for fid_cls: auto (trained on the images the runs see, cached in RUN_DIR), "
+                                        "or a classifier file from `minsnr train-classifier`; inception = --metric fid")
     p.add_argument("--classifier-epochs", type=int, help="epochs of the auto classifier (default 8)")
     p.add_argument("--bin-images", type=int, help="held-out images for the final per-bin x0 MSE (default 1000)")
     p.add_argument("--jobs", type=int, help="runs at a time (default: one per CPU core; on a GPU, all)")
@@ -61,7 +68,8 @@ def main(argv: list[str]) -> int:
         flags = {"train.steps": a.steps, "log.eval_every": a.eval_every, "log.eval_num": a.eval_num}
         overrides = [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
         base = load_config(path, overrides)
-        for name in ("targets", "weightings", "reference", "classifier", "classifier_epochs", "bin_images", "jobs", "pin"):
+        for name in ("targets", "weightings", "reference", "classifier", "classifier_epochs", "bin_images", "jobs", "pin", "seeds",
+                     "metric"):
             if getattr(a, name) is not None:
                 setattr(settings, name, getattr(a, name))
         if settings.jobs < 0:

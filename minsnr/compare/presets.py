@@ -15,6 +15,7 @@ the Settings below; every config key can be overridden with key=value and every 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from minsnr.weighting import STRATEGIES, TARGETS, WEIGHTINGS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
 PROPOSAL = "min_snr"
-CONFIGS = PACKAGED_CONFIGS
 
 
 @dataclass
@@ -37,6 +37,11 @@ class Settings:
     pin: bool = True  # give each concurrent run its own CPU cores (os.sched_setaffinity)
     bin_images: int = 1000  # held-out images for the final per-bin x0 MSE (figure 6)
     reference: str = "baseline"  # the weighting token every run of a target is timed against
+    # seeds per run: None = 1 for a new comparison, as many as it already has for an existing one. Seed k of
+    # N trains with train.seed + k (init, data order, timesteps, noise, sampler noise all follow it); within
+    # one seed every weighting shares them (common random numbers).
+    seeds: int | None = None
+    metric: str = "auto"  # auto: fid_cls on labelled data, bpd on unlabelled | fid_cls | fid | bpd
 
 
 PRESETS: dict[str, Settings] = {
@@ -45,13 +50,16 @@ PRESETS: dict[str, Settings] = {
     "cpu": Settings(),
     # configs/compare/cifar10.yaml: 15M pixel ViT on CIFAR-10 (20k), for one GPU; the runs share it.
     "cifar10": Settings(classifier_epochs=15),
+    # configs/compare/mnist.yaml: 28x28 MNIST, the MNIST recipe's 1.26M ViT, 2,000 steps per run; a 3-seed
+    # x0 + eps race in about an hour on 2 CPU cores.
+    "mnist": Settings(classifier_epochs=2),
 }
 
 
 def resolve(source: str) -> tuple[Path, Settings]:
     """A preset name (cpu, cifar10) or a YAML config path -> (config file, default settings)."""
     if source in PRESETS:
-        path = CONFIGS / "compare" / f"{source}.yaml"
+        path = PACKAGED_CONFIGS / "compare" / f"{source}.yaml"
         if not path.is_file():
             raise ConfigError(f"preset {source!r} expects {path}, which is missing (minsnr installed without its "
                               "configs/ folder?); pass a config YAML instead")
@@ -75,10 +83,6 @@ class RunSpec:
     def name(self) -> str:
         suffix = f"_g{self.gamma:g}" if self.explicit_gamma and self.gamma is not None else ""
         return f"{self.target}_{self.weighting}{suffix}" + (f"@{self.timesteps}" if self.timesteps else "")
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.weighting == BASELINES[self.target] and not self.explicit_gamma and not self.timesteps
 
 
 def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunSpec:
@@ -135,27 +139,44 @@ def run_matrix(settings: Settings, config_gamma: float | None) -> list[RunSpec]:
     return specs
 
 
-def run_config(base: Config, spec: RunSpec, run_dir: Path, classifier: str | None, threads: int) -> Config:
+def seed_values(base: Config, count: int) -> list[int]:
+    """The train.seed of each of `count` seeds: the config's own, then the next ones (seed k: train.seed + k),
+    so the same command gives the same runs and seed 0 of a race is the run `minsnr train` would make."""
+    return [base.train.seed + k for k in range(count)]
+
+
+def run_folder(run_dir: Path, seed: int, name: str) -> Path:
+    return run_dir / f"seed{seed}" / name
+
+
+def run_config(base: Config, spec: RunSpec, run_dir: Path, classifier: str | None, threads: int,
+               seed: int | None = None, metric: str = "auto") -> Config:
     """The ordinary training config of one run: the base config with only the loss, the run folder, the
-    evaluation classifier and the thread count changed (the seed, data, schedule and model stay shared)."""
-    cfg = dataclasses.replace(base, run_dir=str(run_dir / spec.name), resume="auto",
+    evaluation classifier, the thread count and the seed changed (data, schedule and model stay shared).
+    seed None: the base config's seed."""
+    seed = base.train.seed if seed is None else seed
+    cfg = dataclasses.replace(base, run_dir=str(run_folder(run_dir, seed, spec.name)), resume="auto",
                               loss=dataclasses.replace(base.loss, target=spec.target, weighting=spec.weighting,
                                                        gamma=spec.gamma,
                                                        timesteps=spec.timesteps or base.loss.timesteps),
-                              log=dataclasses.replace(base.log, eval_classifier=classifier),
-                              train=dataclasses.replace(base.train, threads=threads))
+                              log=dataclasses.replace(base.log, eval_classifier=classifier, eval_metric=metric),
+                              train=dataclasses.replace(base.train, threads=threads, seed=seed))
     return cfg
 
 
-def check_base(base: Config) -> None:
-    """Settings that would make the comparison unfair or unreadable fail here, before any run starts."""
-    log = base.log
+def check_base(base: Config) -> tuple[Config, list[str]]:
+    """Settings that would make the comparison unfair or unreadable fail here, before any run starts.
+    -> (the base config, with log.every lowered where it must be, and one line per such change)."""
+    log, notes = base.log, []
     if log.eval_every <= 0:
         raise ConfigError("log.eval_every must be > 0 for a comparison (e.g. --eval-every 250)")
     if log.eval_every % log.every:
-        raise ConfigError(f"log.eval_every={log.eval_every} must be a multiple of log.every={log.every}, so that a "
-                          "non-finite loss is caught before the evaluation that would sample from it")
+        every = math.gcd(log.eval_every, log.every)
+        notes.append(f"log.every={log.every} -> {every}: an evaluation every {log.eval_every} steps must fall on a "
+                     "logged step, so that a non-finite loss is caught before the evaluation that would sample from it")
+        base = dataclasses.replace(base, log=dataclasses.replace(log, every=every))
     if base.data.source == "latent":
         raise ConfigError("data.source=latent: compare scores pixel-space runs only (fid_cls or FID during training)")
     if base.resume not in ("auto", "never"):
         raise ConfigError(f"resume={base.resume!r}: every compare run resumes from its own folder; drop the key")
+    return base, notes

@@ -1,13 +1,12 @@
-"""The comparison's report: score curves, the speed-up over each target's reference run (by default its
-baseline, section 4.2), the terminal table
-and compare.png (figure 5: score against steps, one panel per target; figure 6: unweighted x0 MSE per
-timestep bin at the end).
+"""The comparison's report: per-seed score curves, the speed-up of every run over its target's reference run
+(by default the baseline of section 4.2) read at three quality levels and summarised over the seeds with an
+interval and a verdict (minsnr.compare.verdict), the score's sanity (minsnr.compare.sanity), the terminal
+tables; compare.png is drawn by minsnr.compare.figure.
 
-Speed-up (figure 1's "3.4x faster", read at the baseline's best): best = the baseline's lowest score,
-reached at the step of that evaluation; the run's step is the first step at which its curve, linear
-between evaluations (`minsnr.evaluate.plots.first_reach`), is at or below `best`; speed-up = baseline
-step / run step. A run that never gets there has no speed-up, only the bound (baseline step / its last
-evaluated step) it stays under. A diverged baseline is scored by its best before it diverged.
+Example (the cpu preset, x0 target, seed 0): const's smoothed fid_cls is 90 at a quarter of its run (step
+750), 16.9 at half (step 1,500) and 5.9 at the end. Min-SNR-5's smoothed curve reaches 90 at step 1,074
+(0.70x) and 16.9 at step 1,876 (0.80x); it ends on const's plateau, so the end level is "within noise".
+Over seeds 0, 1, 2 the half level reads 0.80x, 0.71x, 0.75x: 0.76x [0.66, 0.87], "slower".
 """
 
 from __future__ import annotations
@@ -17,163 +16,197 @@ from typing import Any
 
 import numpy as np
 
-from minsnr.compare.presets import RunSpec
+from minsnr.compare import verdict
+from minsnr.compare.presets import RunSpec, run_folder
 from minsnr.compare.worker import LOSSES, STATUS, read_json
-from minsnr.evaluate.plots import first_reach, read_metric
+from minsnr.evaluate.plots import read_metric
 
-Curve = tuple[np.ndarray, np.ndarray]
-
-
-def speedup(baseline: Curve, run: Curve, run_diverged: bool = False) -> dict[str, Any]:
-    """Speed-up of `run` over `baseline` (steps, scores; lower is better): see the module docstring."""
-    (bs, bv), (rs, rv) = baseline, run
-    if len(bv) == 0:
-        return {"threshold": None, "baseline_step": None, "step": None, "speedup": None, "below": None}
-    best = float(bv.min())
-    base_step = first_reach(bs, bv, best)
-    step = first_reach(rs, rv, best) if len(rv) else None
-    out: dict[str, Any] = {"threshold": best, "baseline_step": base_step, "step": step, "speedup": None, "below": None}
-    if step is not None and step > 0:
-        out["speedup"] = base_step / step  # type: ignore[operator]
-    elif step is None and len(rs) and not run_diverged:
-        out["below"] = base_step / float(rs[-1])  # type: ignore[operator]
-    return out
+LEVEL_LABELS = {"quarter": "at ref 1/4", "half": "at ref 1/2", "end": "at ref end"}
+DONE = ("finished", "diverged")
 
 
-def curve(run_dir: Path, metric: str) -> tuple[Curve, int]:
-    """The run's finite (step, score) points, and how many non-finite scores were left out."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        return (np.zeros(0), np.zeros(0)), 0
-    steps, values = read_metric(run_dir, metric)
-    ok = np.isfinite(values)
-    return (steps[ok], values[ok]), int((~ok).sum())
+def seed_run(folder: Path, metric: str, seed: int) -> dict[str, Any]:
+    """One seed of one run, from its folder: status, finite (step, score) points, accuracy, figure-6 MSE."""
+    has_log = (folder / "metrics.jsonl").is_file()
+    steps, values = read_metric(folder, metric) if has_log else (np.zeros(0), np.zeros(0))
+    ok = np.isfinite(values) & (values > 0)
+    acc_steps, acc = read_metric(folder, "cls_acc") if has_log else (np.zeros(0),) * 2
+    status = read_json(folder / STATUS) or {"state": "running" if len(steps) else "not started", "step": None}
+    losses = read_json(folder / LOSSES)
+    return {"seed": seed, "status": status["state"], "status_step": status["step"],
+            "steps": steps[ok].tolist(), "values": values[ok].tolist(), "dropped": int((~ok).sum()),
+            "cls_acc": dict(zip(map(int, acc_steps), map(float, acc))),
+            "bin_mse": None if losses is None else losses["mse"],
+            "bins": None if losses is None else losses["bins"]}
 
 
-def build(run_dir: Path, specs: list[RunSpec], state: dict[str, Any], metric: str) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
+def _curve(s: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(s["steps"], dtype=np.float64), np.array(s["values"], dtype=np.float64)
+
+
+def build(run_dir: Path, specs: list[RunSpec], seeds: list[int], state: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The report stored in compare.json: every run with its per-seed curves and, against its target's
+    reference, the per-seed readings, per-level summaries and the headline verdict."""
+    from minsnr.compare.sanity import warnings
+
+    runs = []
     for spec in specs:
-        folder = run_dir / spec.name
-        (steps, values), dropped = curve(folder, metric)
-        acc_steps, acc = read_metric(folder, "cls_acc") if (folder / "metrics.jsonl").is_file() else (np.zeros(0),) * 2
-        status = read_json(folder / STATUS) or {"state": "running" if len(steps) else "not started", "step": None}
-        losses = read_json(folder / LOSSES)
-        best = int(np.argmin(values)) if len(values) else None
+        per_seed = [seed_run(run_folder(run_dir, s, spec.name), metric, s) for s in seeds]
         runs.append({"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
-                     "reference": spec.reference, "status": status["state"], "status_step": status["step"],
-                     "steps": steps.tolist(), "values": values.tolist(), "non_finite_scores": dropped,
-                     "cls_acc": dict(zip(map(int, acc_steps), map(float, acc))),
-                     "best": None if best is None else float(values[best]),
-                     "best_step": None if best is None else int(steps[best]),
-                     "final": float(values[-1]) if len(values) else None,
-                     "final_step": int(steps[-1]) if len(steps) else None,
-                     "bin_mse": None if losses is None else losses["mse"],
-                     "bins": None if losses is None else losses["bins"]})
-    by_name = {r["name"]: r for r in runs}
+                     "timesteps": spec.timesteps, "reference": spec.reference, "seeds": per_seed})
+    noise: dict[str, float] = {}
+    for target in dict.fromkeys(r["target"] for r in runs):
+        curves = [np.log(s["values"]) for r in runs if r["target"] == target for s in r["seeds"]
+                  if s["status"] in DONE and s["values"]]
+        noise[target] = verdict.plateau_noise(curves)
     for r in runs:
-        base = next((b for b in runs if b["target"] == r["target"] and b["reference"]), None)
-        r["versus"] = None if base is None else base["name"]
-        r["note"] = ""
-        if base is None:
-            r["speed"] = None
+        ref = next((b for b in runs if b["target"] == r["target"] and b["reference"]), None)
+        r["versus"], r["race"], r["note"] = None if ref is None else ref["name"], None, ""
+        if ref is None:
             r["note"] = "no reference run for this target"
             continue
-        r["speed"] = speedup((np.array(base["steps"]), np.array(base["values"])),
-                             (np.array(r["steps"]), np.array(r["values"])), r["status"] == "diverged")
-        if base["status"] == "diverged" and r is not base:
-            r["note"] = f"reference diverged at step {base['status_step']}: its best before that"
-        if r["non_finite_scores"]:
-            r["note"] += f" {r['non_finite_scores']} non-finite score(s) left out"
-    return {"metric": metric, "steps": state["steps"], "eval_every": state["eval_every"],
-            "runs": [by_name[s.name] for s in specs]}
+        if r is ref:
+            continue
+        pairs = [(a, b) for a, b in zip(ref["seeds"], r["seeds"])
+                 if a["status"] in DONE and b["status"] in DONE and a["values"]]
+        if not pairs:
+            r["note"] = "no seed with both runs done yet"
+            continue
+        r["race"] = verdict.race([_curve(a) for a, _ in pairs], [_curve(b) for _, b in pairs], state["steps"],
+                                 noise[r["target"]], [b["status"] == "diverged" for _, b in pairs])
+        r["race"]["paired_seeds"] = [a["seed"] for a, _ in pairs]
+        if len(pairs) < len(seeds):
+            r["note"] = f"{len(pairs)} of {len(seeds)} seeds done"
+        diverged = [a["seed"] for a, _ in pairs if a["status"] == "diverged"]
+        if diverged:
+            r["note"] += f" reference diverged in seed(s) {', '.join(map(str, diverged))}: levels from its curve before"
+    result = {"metric": metric, "steps": state["steps"], "eval_every": state["eval_every"], "seeds": seeds,
+              "noise": noise, "sanity": state.get("sanity"), "runs": runs}
+    result["warnings"] = warnings(state.get("sanity") or {}, runs, state["steps"])
+    return result
 
 
 def _status(r: dict[str, Any]) -> str:
-    step = r["status_step"] if r["status_step"] is not None else r["final_step"]
-    return r["status"] if step is None else f"{r['status']} {'at ' if r['status'] == 'diverged' else ''}{step}"
+    """'3 finished', '2 finished, 1 diverged at 1200'."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in r["seeds"]:
+        groups.setdefault(s["status"], []).append(s)
+    parts = []
+    for state, seeds in groups.items():
+        where = [str(s["status_step"]) for s in seeds if state == "diverged" and s["status_step"] is not None]
+        parts.append(f"{len(seeds)} {state}" + (f" at {', '.join(where)}" if where else ""))
+    return ", ".join(parts)
+
+
+def _final(r: dict[str, Any]) -> str:
+    ends = [s["values"][-1] for s in r["seeds"] if s["values"]]
+    if not ends:
+        return "-"
+    mean = float(np.exp(np.mean(np.log(ends))))
+    return f"{mean:.4g}" if len(ends) == 1 else f"{mean:.4g} ({min(ends):.3g}-{max(ends):.3g})"
+
+
+def cell(level: dict[str, Any]) -> str:
+    """One level's summary: '1.62x [1.31, 2.01]'; '~' in front when within noise, '>=' or '<' when every
+    seed gave that bound."""
+    mark = "~" if level["verdict"] == "within noise" else ""
+    kinds = set(level["bounds"])
+    bound = kinds.pop() or "" if len(kinds) == 1 else ""  # every seed the same kind of bound: say so
+    if level["low"] is None:
+        return f"{mark}{bound}{_x(level['geomean'])}x"
+    return f"{mark}{bound}{_x(level['geomean'])}x [{_x(level['low'])}, {_x(level['high'])}]"
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}" if v < 100 else f"{v:.3g}"
+
+
+def _reference_cell(ref: dict[str, Any], runs: list[dict[str, Any]], name: str) -> str:
+    """The reference's own level: its mean score there and the mean step at which it reaches it."""
+    race = next((r["race"] for r in runs if r.get("versus") == ref["name"] and r["race"]), None)
+    if race is None:
+        return "-"
+    levels = [s[name]["level"] for s in race["seeds"]]
+    steps = [s[name]["ref_step"] for s in race["seeds"]]
+    return f"({float(np.exp(np.mean(np.log(levels)))):.3g} at {np.mean(steps):.0f})"
+
+
+def _sanity_lines(result: dict[str, Any]) -> list[str]:
+    m, sanity = result["metric"], result.get("sanity") or {}
+    parts = []
+    if sanity.get("floor") is not None:
+        parts.append(f"real held-out images {sanity['floor']:.4g} (floor)")
+    if sanity.get("ceiling") is not None:
+        parts.append(f"untrained model {sanity['ceiling']:.4g} (ceiling)")
+    nz = sanity.get("noise")
+    if nz:
+        run = Path(nz["checkpoint"]).parents[1]
+        parts.append(f"{run.parent.name}/{run.name} at step {nz.get('step')} under {len(nz['scores'])} evaluation "
+                     f"seeds {min(nz['scores']):.4g}-{max(nz['scores']):.4g} (noise {100 * nz['sd_log']:.1f}%)")
+    lines = [f"score check ({m}): " + ("; ".join(parts) if parts else "not measured yet")]
+    clf = sanity.get("classifier")
+    if clf:
+        acc = clf.get("test_accuracy")
+        lines.append(f"  fid_cls classifier: {clf['num_classes']} classes, " + (
+            "held-out accuracy not recorded" if acc is None else f"{100 * acc:.1f}% right on held-out images"))
+    lines.append("  curve noise per evaluation on the plateaus: " + ", ".join(
+        f"{t} {100 * v:.1f}%" for t, v in result["noise"].items()))
+    return lines + [f"warning: {w}" for w in result.get("warnings", [])]
 
 
 def table(result: dict[str, Any]) -> str:
-    m = result["metric"]
-    head = (f"{m} every {result['eval_every']} steps (lower is better). speed-up = step at which the target's "
-            f"reference (*) reaches its best {m} / first step at which the run does")
-    rows = [head, f"{'run':<26} {'status':<18} {'best (step)':>16} {'final':>8} {'acc':>5} "
-                  f"{'reaches ref best':>18} {'speed-up':>9}  note"]
-    for r in result["runs"]:
-        best = "-" if r["best"] is None else f"{r['best']:.4g} ({r['best_step']})"
-        final = "-" if r["final"] is None else f"{r['final']:.4g}"
-        acc = r["cls_acc"].get(r["final_step"]) if r["final_step"] is not None else None
-        s = r["speed"] or {}
-        reach = "-" if s.get("step") is None else f"{s['step']:.0f}"
-        speed = (f"{s['speedup']:.2f}x" if s.get("speedup") is not None
-                 else f"<{s['below']:.2f}x" if s.get("below") is not None else "-")
+    m, seeds = result["metric"], result["seeds"]
+    head = (f"{m} every {result['eval_every']} steps, lower is better; {len(seeds)} seed(s): train.seed "
+            f"{', '.join(map(str, seeds))}")
+    rows = [head, *_sanity_lines(result), "",
+            "speed-up over the target's reference (*) in reaching its smoothed score at 1/4, 1/2 and the end of its "
+            "run: geometric mean over seeds [95% t-interval]; ~ within noise",
+            f"{'run':<26} {'seeds':<16} {'final':>20}  {LEVEL_LABELS['quarter']:<24}{LEVEL_LABELS['half']:<24}"
+            f"{LEVEL_LABELS['end']:<24}verdict"]
+    runs = result["runs"]
+    for r in runs:
         name = r["name"] + (" *" if r["reference"] else "")
-        rows.append(f"{name:<26} {_status(r):<18} {best:>16} {final:>8} {'-' if acc is None else f'{acc:.2f}':>5} "
-                    f"{reach:>18} {speed:>9}  {r['note'].strip()}")
+        if r["reference"]:
+            cells = [_reference_cell(r, runs, lv) for lv in verdict.LEVELS]
+            last = "reference"
+        elif r["race"]:
+            cells = [cell(r["race"]["levels"][lv]) for lv in verdict.LEVELS]
+            h = r["race"]["headline"]
+            last = h["verdict"] + (f" (at {LEVEL_LABELS[h['level']][3:]})" if h["level"] else "")
+        else:
+            cells, last = ["-"] * 3, ""
+        note = f"  {r['note'].strip()}" if r["note"].strip() else ""
+        rows.append(f"{name:<26} {_status(r):<16} {_final(r):>20}  " + "".join(f"{c:<23} " for c in cells)
+                    + last + note)
+    rows += ["", "per seed, at 1/4, 1/2, end (>= reached before the second evaluation; < never reached; "
+             "~ within noise in that seed)"]
+    raced = [r for r in runs if r["race"]]
+    if raced:
+        rows.append(f"{'run':<26} " + "".join(f"{'seed' + str(s):<24}" for s in seeds))
+    for r in raced:
+        by_seed = dict(zip(r["race"]["paired_seeds"], r["race"]["seeds"]))
+        cells = []
+        for s in seeds:
+            reading = by_seed.get(s)
+            cells.append("-" if reading is None else " ".join(_seed_cell(reading[lv]) for lv in verdict.LEVELS))
+        rows.append(f"{r['name']:<26} " + "".join(f"{c:<24}" for c in cells))
     rows.append("* the target's reference: by default its baseline (section 4.2: const for x0, the plain eps MSE for "
                 "eps, the plain v MSE for v); --reference chooses another")
     return "\n".join(rows)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = result["runs"]
-    targets = list(dict.fromkeys(r["target"] for r in runs))
-    weightings = list(dict.fromkeys(r["name"].split("_", 1)[1] for r in runs))
-    palette = plt.get_cmap("tab20").colors if len(weightings) > 10 else [f"C{i}" for i in range(10)]
-    color = {w: palette[i % len(palette)] for i, w in enumerate(weightings)}
-    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(4.2 * len(targets) + 5.5, 3.8), squeeze=False,
-                             gridspec_kw={"width_ratios": [1] * len(targets) + [1.4]})
-    for ax, target in zip(axes[0], targets):
-        panel = [r for r in runs if r["target"] == target and r["steps"]]  # runs not started yet have no line
-        for r in panel:
-            w = r["name"].split("_", 1)[1]
-            s = r["speed"] or {}
-            label = w + (" (reference)" if r["reference"] else f" {s['speedup']:.2f}x" if s.get("speedup") else "")
-            if r["status"] == "diverged":
-                label += f", diverged at {r['status_step']}"
-            ax.plot(r["steps"], r["values"], marker=".", color=color[w], label=label)
-            if r["status"] == "diverged":
-                ax.plot(r["steps"][-1:], r["values"][-1:], "x", color=color[w], markersize=10)
-            if r["reference"] and s.get("threshold") is not None:
-                ax.axhline(s["threshold"], color="gray", linestyle="--", linewidth=0.8)
-            elif s.get("speedup") is not None:
-                ax.plot([s["step"]], [s["threshold"]], "o", color=color[w])
-                if len(panel) <= 4:  # with more runs the speed-ups are in the legend only (labels would overlap)
-                    ax.annotate(f"{s['speedup']:.2f}x", (s["step"], s["threshold"]), textcoords="offset points",
-                                xytext=(4, -12), color=color[w])
-        ax.set_title(f"target {target}")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(result["metric"])
-        values = [v for r in panel for v in r["values"]]
-        if values:
-            if max(values) > 5 * min(values) > 0:
-                ax.set_yscale("log")
-            ax.legend(fontsize=8 if len(panel) <= 6 else 6.5)
-    _bin_panel(axes[0, -1], [r for r in runs if r["bin_mse"]])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _seed_cell(reading: dict[str, Any]) -> str:
+    mark = ("" if reading["informative"] else "~") + (reading["bound"] or "")
+    return f"{mark}{reading['speedup']:.2f}"
 
 
-def _bin_panel(ax: Any, runs: list[dict[str, Any]]) -> None:
-    """Figure 6 at the end of training as a table: each run's unweighted x0 MSE per timestep bin over the
-    best run's in that bin (1 = best; the MSE spans orders of magnitude across bins, so ratios, not values)."""
-    ax.set_title("end of training: unweighted x0 MSE / best run's", fontsize=10)
-    if not runs:
-        ax.axis("off")
-        return
-    from matplotlib.colors import LogNorm
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """compare.png, or a one-line warning and False without matplotlib (the table and compare.json stand)."""
+    from minsnr.extras import optional
 
-    mse = np.array([r["bin_mse"] for r in runs])
-    ratio = mse / mse.min(axis=0, keepdims=True)
-    ax.imshow(ratio, cmap="Reds", norm=LogNorm(1.0, 4.0), aspect="auto")  # 4x and worse: the darkest red
-    for (i, j), v in np.ndenumerate(ratio):
-        ax.text(j, i, f"{v:.2f}" if v < 10 else f"{v:.0e}", ha="center", va="center", fontsize=6.5,
-                color="white" if v > 2.5 else "black")
-    ax.set_yticks(range(len(runs)), [r["name"] for r in runs], fontsize=8)
-    ax.set_xticks(range(mse.shape[1]), [str(lo) for lo, _ in runs[0]["bins"]], fontsize=8)
-    ax.set_xlabel("timestep bin (start)")
+    if optional("matplotlib", f"no {path.name}; the table and compare.json have every number") is None:
+        return False
+    from minsnr.compare.figure import draw
+
+    draw(result, path)
+    return True

@@ -1,14 +1,16 @@
-"""Run a comparison: one ordinary, resumable training run per (target, weighting) in RUN_DIR/<name>/,
-launched as pinned subprocesses (minsnr.compare.worker), on common random numbers.
+"""Run a comparison: one ordinary, resumable training run per (seed, target, weighting) in
+RUN_DIR/seed<S>/<name>/, launched as pinned subprocesses (minsnr.compare.worker), seed by seed.
 
-Common random numbers come from the trainer itself: every run gets the same train.seed, so the same
-initial weights, data order, timesteps, noise and label drops at every step, and the fid_cls hook
-samples the same labels and noise at the same steps. The runs differ only in loss.target/weighting/gamma.
+Common random numbers come from the trainer itself: the runs of one seed get the same train.seed, so the
+same initial weights, data order, timesteps, noise and label drops at every step, and the evaluation hook
+samples the same labels and noise at the same steps. The runs of a seed differ only in the loss; seed k
+of a comparison trains with train.seed + k (minsnr.compare.presets.seed_values).
 
 RUN_DIR/compare.json (written atomically) holds the comparison's state: the shared config, the runs, the
-steps and the evaluation schedule, plus the latest report. Rerunning the same command continues every
-unfinished run from its last checkpoint and reuses finished runs and their evaluations; a changed config
-key is an error naming the key (train.steps may grow).
+number of seeds trained, the steps, the score, its sanity (minsnr.compare.sanity), plus the latest report.
+Rerunning the same command continues every unfinished run from its last checkpoint and reuses finished
+runs and their evaluations; a changed config key is an error naming the key (train.steps may grow, and
+--seeds may grow; a smaller --seeds reports on the first seeds and deletes nothing).
 
 Concurrency: at most `jobs` runs at a time; on the CPU one per core by default, each with
 cores/jobs threads (train.threads and OMP_NUM_THREADS) and pinned to its own cores; on a GPU every run at
@@ -29,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from minsnr.compare.presets import RunSpec, Settings, check_base, run_config, run_matrix
+from minsnr.compare.presets import RunSpec, Settings, check_base, run_config, run_matrix, seed_values
 from minsnr.compare.worker import LOSSES, STATUS, read_json, write_json
 from minsnr.config import Config, ConfigError, dump_yaml, to_dict
 
-FORMAT = "minsnr-compare"
+FORMAT = "minsnr-compare/2"  # /2: seeds, runs in RUN_DIR/seed<S>/<run>
 STATE = "compare.json"
-PER_RUN = ("run_dir", "train.steps", "train.threads", "loss.target", "loss.weighting", "log.eval_classifier")
+PER_RUN = ("run_dir", "train.steps", "train.threads", "loss.target", "loss.weighting",
+           "log.eval_classifier", "log.eval_metric")
+Todo = tuple[RunSpec, int, Path]  # (run, seed, its config.yaml)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,13 +58,16 @@ def shared_config(base: Config) -> dict[str, Any]:
     return {k: v for k, v in _flatten(to_dict(base)).items() if k not in PER_RUN}
 
 
-def load_state(run_dir: Path, base: Config, classifier: str) -> dict[str, Any]:
+def load_state(run_dir: Path, base: Config, classifier: str, metric: str) -> dict[str, Any]:
     """compare.json, created for a new comparison; an existing one must describe the same experiment."""
     shared = shared_config(base)
     state = read_json(run_dir / STATE)
     if state is None:
         return {"format": FORMAT, "config": shared, "steps": base.train.steps, "eval_every": base.log.eval_every,
-                "classifier": classifier, "runs": []}
+                "classifier": classifier, "metric": metric, "runs": [], "seeds": 0}
+    if state.get("format") == "minsnr-compare":
+        raise ConfigError(f"{run_dir / STATE} is a one-seed comparison of an older minsnr (runs in RUN_DIR/<run>); "
+                          "choose another run_dir (its runs stay where they are)")
     if state.get("format") != FORMAT:
         raise ConfigError(f"{run_dir / STATE} is not a minsnr comparison; choose another run_dir")
     changed = sorted(k for k in set(shared) | set(state["config"]) if shared.get(k) != state["config"].get(k))
@@ -68,6 +75,9 @@ def load_state(run_dir: Path, base: Config, classifier: str) -> dict[str, Any]:
         diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {shared.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"{run_dir / STATE} was started with another config ({diffs}); rerun with the same "
                           "settings to continue it, or choose another run_dir")
+    if state.get("metric") != metric:
+        raise ConfigError(f"{run_dir / STATE} scores with {state.get('metric')!r}, not {metric!r}; use the same "
+                          "--metric or another run_dir")
     if state["classifier"] != classifier:
         raise ConfigError(f"{run_dir / STATE} scores with classifier {state['classifier']!r}, not {classifier!r}; "
                           "use the same --classifier or another run_dir")
@@ -101,6 +111,7 @@ def run_is_done(run_dir: Path, steps: int, bin_images: int) -> str | None:
 @dataclass
 class Job:
     spec: RunSpec
+    seed: int
     config_path: Path
     proc: subprocess.Popen[bytes]
     log: TextIO
@@ -108,7 +119,7 @@ class Job:
     start: float
 
 
-def _launch(spec: RunSpec, config_path: Path, cores: list[int], pin: bool, threads: int,
+def _launch(spec: RunSpec, seed: int, config_path: Path, cores: list[int], pin: bool, threads: int,
             bin_images: int) -> Job:
     import minsnr
 
@@ -122,7 +133,7 @@ def _launch(spec: RunSpec, config_path: Path, cores: list[int], pin: bool, threa
     (config_path.parent / STATUS).unlink(missing_ok=True)  # a stale status must not outlive this attempt
     log = (config_path.parent / "compare.log").open("a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return Job(spec, config_path, proc, log, cores, time.perf_counter())
+    return Job(spec, seed, config_path, proc, log, cores, time.perf_counter())
 
 
 def _last_step(run_dir: Path) -> int:
@@ -133,7 +144,7 @@ def _last_step(run_dir: Path) -> int:
     return int(json.loads(lines[-1])["step"]) if lines else 0
 
 
-def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: bool, bin_images: int,
+def run_all(todo: list[Todo], jobs: int, cores: list[int], pin: bool, bin_images: int,
             steps: int, progress_every: float = 60.0) -> bool:
     """Train the runs, `jobs` at a time; returns False if interrupted (Ctrl-C or SIGTERM: every run saves a
     checkpoint and stops, and a rerun continues)."""
@@ -150,11 +161,11 @@ def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: 
         while queue or running:
             while queue and free:
                 slot = free.pop(0)
-                spec, path = queue.pop(0)
-                running[slot] = _launch(spec, path, pool[slot], pin, len(pool[slot]), bin_images)
+                spec, seed, path = queue.pop(0)
+                running[slot] = _launch(spec, seed, path, pool[slot], pin, len(pool[slot]), bin_images)
                 where = f"cores {pool[slot]}" if pin else "unpinned"
-                print(f"[{time.perf_counter() - t0:6.0f} s] started  {spec.name} ({where}, {len(pool[slot])} thread(s))",
-                      flush=True)
+                print(f"[{time.perf_counter() - t0:6.0f} s] started  {_label(spec, seed)} ({where}, "
+                      f"{len(pool[slot])} thread(s))", flush=True)
             time.sleep(0.2)
             for slot, job in list(running.items()):
                 if job.proc.poll() is None:
@@ -168,12 +179,13 @@ def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: 
                 extra = f" at step {status['step']}" if status["step"] is not None else ""
                 msg = f": {status['message']} (log: {job.config_path.parent / 'compare.log'})" \
                     if status["state"] == "failed" else ""
-                print(f"[{time.perf_counter() - t0:6.0f} s] {status['state']:<8} {job.spec.name}{extra} in {took:.0f} s{msg}",
-                      flush=True)
+                print(f"[{time.perf_counter() - t0:6.0f} s] {status['state']:<8} {_label(job.spec, job.seed)}{extra} "
+                      f"in {took:.0f} s{msg}", flush=True)
             if running and time.perf_counter() - last_report > progress_every:
                 last_report = time.perf_counter()
                 print(f"[{last_report - t0:6.0f} s] " + "  ".join(
-                    f"{j.spec.name} {_last_step(j.config_path.parent)}/{steps}" for j in running.values()), flush=True)
+                    f"{_label(j.spec, j.seed)} {_last_step(j.config_path.parent)}/{steps}" for j in running.values()),
+                    flush=True)
     except KeyboardInterrupt:
         for job in running.values():  # first, so a failing print (a closed pipe) cannot orphan them
             if job.proc.poll() is None:
@@ -192,82 +204,146 @@ def run_all(todo: list[tuple[RunSpec, Path]], jobs: int, cores: list[int], pin: 
     return True
 
 
-def prepare_runs(base: Config, specs: list[RunSpec], bin_images: int, run_dir: Path, classifier: str | None,
-                 threads: int, state: dict[str, Any]) -> list[tuple[RunSpec, Path]]:
-    """Write every run's config.yaml, add new runs to the state; -> the runs that need training."""
+def _label(spec: RunSpec, seed: int) -> str:
+    return f"seed{seed}/{spec.name}"
+
+
+def prepare_runs(base: Config, specs: list[RunSpec], seeds: list[int], bin_images: int, run_dir: Path,
+                 classifier: str | None, metric: str, threads: int, state: dict[str, Any]) -> list[Todo]:
+    """Write every run's config.yaml, add new runs to the state; -> the runs that need training, seed by seed
+    (so that a comparison stopped early holds whole seeds)."""
     todo = []
     for spec in specs:
         entry = {"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
                  "timesteps": spec.timesteps or base.loss.timesteps}
         if entry not in state["runs"]:
             state["runs"].append(entry)
-        cfg = run_config(base, spec, run_dir, classifier, threads)
-        folder = Path(cfg.run_dir)
-        done = run_is_done(folder, base.train.steps, bin_images)
-        if done:
-            print(f"{spec.name}: {done} earlier, reused" + (" (delete the folder to retry)" if done == "diverged" else ""))
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, folder / "config.yaml")
-        todo.append((spec, folder / "config.yaml"))
+    for seed in seeds:
+        for spec in specs:
+            cfg = run_config(base, spec, run_dir, classifier, threads, seed, metric)
+            folder = Path(cfg.run_dir)
+            done = run_is_done(folder, base.train.steps, bin_images)
+            if done:
+                print(f"{_label(spec, seed)}: {done} earlier, reused"
+                      + (" (delete the folder to retry)" if done == "diverged" else ""))
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, folder / "config.yaml")
+            todo.append((spec, seed, folder / "config.yaml"))
     return todo
+
+
+def seed_count(settings: Settings, state: dict[str, Any] | None) -> int:
+    """--seeds, else as many as the comparison already has (1 for a new one)."""
+    if settings.seeds is not None:
+        if settings.seeds < 1:
+            raise ConfigError(f"--seeds {settings.seeds}: give at least 1 (3 or more for an interval worth reading)")
+        return settings.seeds
+    return max(1, int((state or {}).get("seeds", 0)))
 
 
 def compare(base: Config, settings: Settings, *, report_only: bool = False) -> tuple[int, dict[str, Any]]:
     """Train (or continue) every run, then report. -> (exit code, report). Exit codes: 0 every run finished
     or diverged (divergence is a result), 1 a run failed, 130 interrupted."""
-    import torch
+    from minsnr.compare.classifier import resolve_metric
 
-    from minsnr.compare.classifier import ensure_classifier
-
-    check_base(base)
+    base, notes = check_base(base)
     specs = run_matrix(settings, base.loss.gamma)
     run_dir = Path(base.run_dir)
-    metric = "fid" if settings.classifier == "inception" else "fid_cls"
     if report_only:
         state = read_json(run_dir / STATE)
         if state is None:
             raise ConfigError(f"{run_dir / STATE} not found: nothing to report (run without --report-only first)")
-        return _report(run_dir, specs, state, metric), state["report"]
+        seeds = seed_values(base, seed_count(settings, state))
+        return _report(run_dir, specs, seeds, state, state["metric"]), state["report"]
+    metric = resolve_metric(base, settings)
+    for note in notes:
+        print(note)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = (run_dir / "compare.lock").open("w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
-    except BlockingIOError:
-        raise ConfigError(f"another minsnr compare is running on {run_dir}; wait for it or stop it first") from None
+    with (run_dir / "compare.lock").open("w") as lock:  # released on return, and when this process ends, however
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another minsnr compare is running on {run_dir}; wait for it or stop it first") from None
+        return _locked(base, settings, specs, run_dir, metric)
+
+
+def _locked(base: Config, settings: Settings, specs: list[RunSpec], run_dir: Path,
+            metric: str) -> tuple[int, dict[str, Any]]:
+    """compare() once it holds the comparison's lock."""
+    import torch
+
+    from minsnr.compare.classifier import ensure_classifier
+
     on_gpu = base.train.device != "cpu" and torch.cuda.is_available()
     cores = sorted(os.sched_getaffinity(0))
-    state = load_state(run_dir, base, settings.classifier)
-    classifier = ensure_classifier(base, settings, run_dir, "cuda" if on_gpu else "cpu")
-    jobs = settings.jobs or (len(specs) if on_gpu else min(len(specs), len(cores)))
+    state = load_state(run_dir, base, settings.classifier, metric)
+    count = seed_count(settings, state)
+    seeds = seed_values(base, count)
+    if count < state["seeds"]:
+        print(f"reporting on the first {count} of the {state['seeds']} seeds trained (the others stay in {run_dir})")
+    state["seeds"] = max(count, state["seeds"])
+    classifier = ensure_classifier(base, settings, metric, run_dir, "cuda" if on_gpu else "cpu")
+    jobs = settings.jobs or (len(specs) * count if on_gpu else min(len(specs) * count, len(cores)))
     threads = base.train.threads or len(slots(jobs, cores)[0])  # fixed per comparison: results depend on it
-    todo = prepare_runs(base, specs, settings.bin_images, run_dir, classifier, threads, state)
+    todo = prepare_runs(base, specs, seeds, settings.bin_images, run_dir, classifier, metric, threads, state)
     write_json(run_dir / STATE, state)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    check = run_config(base, next(s for s in specs if s.reference), run_dir, classifier, threads, seeds[0], metric)
+    measure_sanity(check, metric, classifier, run_dir, state, device)
     finished = True
     if todo:
         print(f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
-              f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/<run>/compare.log")
+              f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/seed*/<run>/compare.log")
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        session = {"runs": [s.name for s, _ in todo], "jobs": jobs, "threads": threads,
+        session = {"runs": [_label(s, seed) for s, seed, _ in todo], "jobs": jobs, "threads": threads,
                    "wall_s": time.perf_counter() - start, "cpu_s": cpu, "load": os.getloadavg()}
         state.setdefault("sessions", []).append(session)  # how long it took, to plan the next one
         print(f"trained in {session['wall_s']:.0f} s wall, {cpu:.0f} CPU-seconds in the runs "
               f"(load average now {session['load'][0]:.1f})")
-    code = _report(run_dir, specs, state, metric)
+    if finished:
+        measure_sanity(check, metric, classifier, run_dir, state, device)
+    code = _report(run_dir, specs, seeds, state, metric)
     return (130 if not finished else code), state["report"]
 
 
-def _report(run_dir: Path, specs: list[RunSpec], state: dict[str, Any], metric: str) -> int:
+def measure_sanity(cfg: Config, metric: str, classifier: str | None, run_dir: Path, state: dict[str, Any],
+                   device: Any) -> None:
+    """The score's floor and ceiling (once, before training) and its noise on `cfg`'s run (the first
+    reference run of the first seed) once that run has finished (again when --steps grew): compare.json."""
+    from minsnr.compare import sanity
+
+    found = state.setdefault("sanity", {})
+    if "ceiling" not in found:
+        print("score check: scoring an untrained model" + ("" if metric == "bpd" else " and real held-out images"),
+              flush=True)
+        found.update(sanity.bounds(cfg, metric, classifier, run_dir, device), classifier=sanity.classifier_meta(classifier))
+        write_json(run_dir / STATE, state)
+    folder = Path(cfg.run_dir)
+    status = read_json(folder / STATUS)
+    if status is None or status["state"] != "finished" or (found.get("noise") or {}).get("step") == status["step"]:
+        return
+    from minsnr.evaluate.plots import read_metric
+
+    steps, values = read_metric(folder, metric)
+    print(f"score check: {folder.name} at step {status['step']} under {sanity.NOISE_SEEDS} more evaluation seeds",
+          flush=True)
+    found["noise"] = {**sanity.noise(cfg, metric, classifier, run_dir, folder / "checkpoints" / "latest.pt",
+                                     float(values[-1]), device), "step": status["step"]}
+    write_json(run_dir / STATE, state)
+
+
+def _report(run_dir: Path, specs: list[RunSpec], seeds: list[int], state: dict[str, Any], metric: str) -> int:
     """Build, store (compare.json), plot and print the report; -> 1 if a run failed, else 0."""
     from minsnr.compare import report as rep
 
-    result = rep.build(run_dir, specs, state, metric)
+    result = rep.build(run_dir, specs, seeds, state, metric)
     state["report"] = result
     write_json(run_dir / STATE, state)
-    rep.plot(result, run_dir / "compare.png")
+    plotted = rep.plot(result, run_dir / "compare.png")
     print(rep.table(result))
-    print(f"wrote {run_dir / STATE} and {run_dir / 'compare.png'}")
-    return 1 if any(r["status"] == "failed" for r in result["runs"]) else 0
+    print(f"wrote {run_dir / STATE}" + (f" and {run_dir / 'compare.png'}" if plotted else ""))
+    return 1 if any(s["status"] == "failed" for r in result["runs"] for s in r["seeds"]) else 0
