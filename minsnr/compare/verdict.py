@@ -1,5 +1,5 @@
 """How much faster, and how sure: the speed-up of one run over its reference within a seed, and the verdict
-across seeds. Pure numpy/scipy on (steps, scores) curves, lower scores better; no training here.
+across seeds, from (steps, scores) curves, lower scores better: numpy and scipy, no training here.
 
 Smoothing. A score curve is noisy (fid_cls on 500 samples moves by 10-30% between evaluations), so every
 reading is taken on a smoothed curve: in log score, a running mean over three evaluations (the evaluation
@@ -39,6 +39,8 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import isotonic_regression
 
+from minsnr.evaluate.plots import first_reach  # first step at or below a level, linear between evaluations
+
 LEVELS = {"quarter": 0.25, "half": 0.5, "end": 1.0}  # fraction of the reference's run
 DEEPEST_FIRST = ("end", "half", "quarter")
 NOISE_MARGIN = 2.0  # a level must lie this many plateau-noise units above the lower curve end
@@ -62,18 +64,6 @@ def plateau_noise(curves: list[np.ndarray]) -> float:
     diffs = [np.diff(c[len(c) // 2 - 1:], 2) for c in curves if len(c) // 2 + 1 >= 3]
     d = np.concatenate(diffs) if diffs else np.zeros(0)
     return float(np.sqrt(np.mean(d**2) / 6)) if len(d) else 0.0
-
-
-def _reach(steps: np.ndarray, smoothed: np.ndarray, level: float) -> float | None:
-    """First step at which the non-increasing curve is at or below `level` (linear between evaluations)."""
-    below = np.flatnonzero(smoothed <= level)
-    if len(below) == 0:
-        return None
-    i = int(below[0])
-    if i == 0:
-        return float(steps[0])
-    s0, s1, v0, v1 = steps[i - 1], steps[i], smoothed[i - 1], smoothed[i]
-    return float(s0 + (v0 - level) / (v0 - v1) * (s1 - s0))
 
 
 @dataclass
@@ -102,7 +92,7 @@ def readings(ref: tuple[np.ndarray, np.ndarray], run: tuple[np.ndarray, np.ndarr
     out = {}
     for name, frac in LEVELS.items():
         level = float(np.interp(frac * rs[-1], rs, ref_s))
-        ref_step = _reach(rs, ref_s, level)
+        ref_step = first_reach(rs, ref_s, level)
         if ref_step is None:  # only by rounding: the reference's own curve passes through its level
             ref_step = float(frac * rs[-1])
         why = ""
@@ -110,7 +100,7 @@ def readings(ref: tuple[np.ndarray, np.ndarray], run: tuple[np.ndarray, np.ndarr
             why = "the reference reaches it before its second evaluation"
         elif level - floor < NOISE_MARGIN * noise:
             why = f"within {NOISE_MARGIN:g} noise of the curves' plateau"
-        step = _reach(us, run_s, level) if len(us) else None
+        step = first_reach(us, run_s, level) if len(us) else None
         if step is None:
             last = planned_steps if run_diverged or not len(us) else us[-1]
             speed, bound = ref_step / last, "<"
