@@ -87,8 +87,9 @@ def test_timestep_distributions_and_a_chosen_reference(tmp_path):
     for name, speed in [("eps_min_snr", 1.0), ("eps_min_snr_g1", 1.5), ("eps_const@logit_normal", 0.2),
                         ("eps_min_snr@importance", 1.0)]:
         write_run(tmp_path, 0, name, STEPS, falling(speed, 0.0), "finished", 1200)
-    runs = {r["name"]: r for r in report.build(tmp_path, specs, [0], {"steps": 1200, "eval_every": 100},
-                                                "fid_cls")["runs"]}
+    result = report.build(tmp_path, specs, [0], {"steps": 1200, "eval_every": 100}, "fid_cls")
+    runs = {r["name"]: r for r in result["runs"]}
+    assert "one seed: no verdict (--seeds 3)" in report.table(result)
     assert runs["eps_min_snr_g1"]["race"]["levels"]["half"]["geomean"] == pytest.approx(1.5, rel=0.1)
     assert runs["eps_min_snr@importance"]["race"]["levels"]["half"]["geomean"] == pytest.approx(1.0)
     slow = runs["eps_const@logit_normal"]["race"]["seeds"][0]["end"]

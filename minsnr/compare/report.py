@@ -172,7 +172,8 @@ def table(result: dict[str, Any]) -> str:
         elif r["race"]:
             cells = [cell(r["race"]["levels"][lv]) for lv in verdict.LEVELS]
             h = r["race"]["headline"]
-            last = h["verdict"] + (f" (at {LEVEL_LABELS[h['level']][3:]})" if h["level"] else "")
+            said = "one seed: no verdict (--seeds 3)" if h["verdict"] == "one seed" else h["verdict"]
+            last = said + (f" (at {LEVEL_LABELS[h['level']][3:]})" if h["level"] else "")
         else:
             cells, last = ["-"] * 3, ""
         note = f"  {r['note'].strip()}" if r["note"].strip() else ""

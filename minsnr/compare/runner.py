@@ -322,6 +322,10 @@ def measure_sanity(cfg: Config, metric: str, classifier: str | None, run_dir: Pa
               flush=True)
         found.update(sanity.bounds(cfg, metric, classifier, run_dir, device), classifier=sanity.classifier_meta(classifier))
         write_json(run_dir / STATE, state)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # the runs start next and share the GPU
     folder = Path(cfg.run_dir)
     status = read_json(folder / STATUS)
     if status is None or status["state"] != "finished" or (found.get("noise") or {}).get("step") == status["step"]:
