@@ -71,9 +71,9 @@ class Reading:
     """One level in one seed."""
 
     level: float  # the score (not log)
-    ref_step: float | None
+    ref_step: float  # where the reference's smoothed curve reaches the level
     step: float | None  # the run's crossing; None when censored
-    speedup: float | None  # the value that enters the summary (a bound's value when `bound` is set)
+    speedup: float  # the value that enters the summary (a bound's value when `bound` is set)
     bound: str | None  # None: a point estimate; ">=": reached before the second evaluation; "<": censored
     informative: bool
     why: str  # why not informative, or ""
