@@ -10,7 +10,7 @@ weighting.ADAPTIVE names (docs/math.md, "Learned and Pareto-adaptive weightings"
   decay), checkpointed and exported, never averaged by the EMA (u is not used at sampling).
 - pareto: a weight per equal timestep range, w_k, on the x0-space MSE. Every `loss.adapt_every` steps
   the Gram matrix of the K task gradients on a fixed probe batch gives the UGD optimum of eq. 11
-  (`minsnr.pareto`), which is normalised to the mean weight over t of the start and smoothed into w_k.
+  (`minsnr.gram`, `minsnr.solvers`), which is normalised to the mean weight over t of the start and smoothed into w_k.
   Start: Min-SNR-5 averaged over each range (the paper's proposal, section 3.4).
 """
 
@@ -24,8 +24,11 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
-from minsnr.runlog import NUM_BINS, bin_names
+from minsnr.data import labels_for
+from minsnr.gram import gram_matrix, make_task_batch
 from minsnr.schedule import Schedule
+from minsnr.solvers import ugd
+from minsnr.timesteps import bin_index, bin_name, bins
 from minsnr.weighting import ADAPTIVE, DEFAULT_WEIGHTING, x0_weight
 
 FOURIER_CHANNELS = 128  # EDM2's logvar_channels
@@ -51,7 +54,7 @@ class LearnedWeight(nn.Module):
         self.register_buffer("features", (math.sqrt(2) * torch.cos(2 * math.pi * (c * freqs + phases))).float())
         self.weight = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(()))
-        self.bins = bin_names(schedule.num_timesteps)  # u is logged per bin of figure 6, as the x0 MSE
+        self.bins = bins(schedule.num_timesteps)  # u is logged per bin of figure 6, as the x0 MSE
 
     def u(self, t: Tensor) -> Tensor:
         """u(t) float32 [B] (elementwise ops: autocast leaves them in float32)."""
@@ -65,22 +68,19 @@ class LearnedWeight(nn.Module):
     def metrics(self) -> dict[str, float]:
         """Mean u over each tenth of the timesteps: exp(u) estimates E[base weight * mse | t] there."""
         u = self.u(torch.arange(self.features.shape[0], device=self.features.device)).double().cpu()
-        return {f"learned_u/{name}": float(part.mean()) for name, part in zip(self.bins, u.chunk(NUM_BINS))}
+        return {f"learned_u/{bin_name(lo, hi)}": float(u[lo:hi].mean()) for lo, hi in self.bins}
 
 
 class ParetoWeight(nn.Module):
-    """Piecewise-constant x0-space weight: w_k on the k-th of K equal timestep ranges (`minsnr.pareto.gram`)."""
+    """Piecewise-constant x0-space weight: w_k on the k-th of K equal timestep ranges (`minsnr.gram`)."""
 
     def __init__(self, schedule: Schedule, num_tasks: int = PARETO_TASKS, smoothing: float = PARETO_SMOOTHING) -> None:
         super().__init__()
-        from minsnr.pareto.gram import equal_ranges
-
         num_t = schedule.num_timesteps
-        self.ranges = equal_ranges(num_t, num_tasks)
+        self.ranges = bins(num_t, num_tasks)
         self.smoothing = smoothing
         self.sizes = np.array([hi - lo for lo, hi in self.ranges], dtype=np.float64)
-        task = torch.cat([torch.full((hi - lo,), k, dtype=torch.long) for k, (lo, hi) in enumerate(self.ranges)])
-        self.register_buffer("task_of_t", task, persistent=False)
+        self.register_buffer("task_of_t", bin_index(self.ranges), persistent=False)
         snr = schedule.snr(torch.arange(num_t, device=schedule.alphas_cumprod.device)).detach().cpu().double()
         start = x0_weight(snr, *PARETO_START)
         self.scale = float(start.mean())  # every w keeps the start's mean weight over t (so the loss scale)
@@ -107,8 +107,6 @@ class ParetoWeight(nn.Module):
 
     def set_probe(self, x0: Tensor, labels: Tensor | None, seed: int) -> None:
         """Fix the probe: `x0` [N, C, H, W] for every task, timesteps and noise drawn from `seed`."""
-        from minsnr.pareto.gram import make_task_batch
-
         gen = torch.Generator().manual_seed(seed)
         self.probe = make_task_batch(x0.detach().cpu(), None if labels is None else labels.cpu(), self.ranges,
                                      generator=gen).to(self.weights.device)
@@ -117,16 +115,12 @@ class ParetoWeight(nn.Module):
         """Eq. 11 on the probe (built from `dataset` and `seed` at the first call): the Gram matrix of the task
         gradients, its UGD optimum (eq. 12-13), one update. Every DDP rank alike (same replicas, same probe);
         outside the training step, one host sync. `model` is the raw module (not DDP- or compile-wrapped)."""
-        from minsnr.pareto.gram import gram_matrix
-
         if self.probe is None:
             self.set_probe(*probe_images(dataset, model, seed), seed)
         self.update_from_gram(gram_matrix(model, self.probe, schedule, target).numpy())
 
     def update_from_gram(self, gram: ArrayLike) -> None:
         """The UGD optimum of eq. 11 (lambda = PARETO_LAMBDA) on the K x K Gram matrix, smoothed in."""
-        from minsnr.pareto.solvers import ugd
-
         self.apply_solution(ugd(gram, PARETO_LAMBDA).weights)
 
     @torch.no_grad()
@@ -146,12 +140,10 @@ def make_adaptive(weighting: str, schedule: Schedule) -> LearnedWeight | ParetoW
 def probe_images(dataset: Any, model: nn.Module, seed: int, count: int = PARETO_IMAGES) -> tuple[Tensor, Tensor | None]:
     """`count` un-augmented training images chosen by `seed` and their labels (None when unconditional),
     as the `train.pareto_every` monitor chooses them."""
-    from minsnr.pareto.common import labels_for
-
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=gen)[:count].tolist()
     x, y, _ = dataset.get_batch(idx)
-    return x, labels_for(model, dataset, y)
+    return x, labels_for(getattr(model, "num_classes", 0), dataset, y)
 
 
 def average_gradients(module: nn.Module, world: int) -> None:

@@ -3,23 +3,22 @@
 A checkpoint is a dict saved with torch.save and read back with torch.load(weights_only=True):
     model, ema, optimizer: state dicts; step: int; config: identity_config(Config); rng: {"torch", "cuda",
     "numpy", "python"}; rng_ranks; data: Batches.state_dict(); class_names; version.
-Writes go to a temporary file `.NAME.tmp` in the same folder, are fsynced, then renamed over the target,
-so a kill -9 at any moment leaves the previous file intact (at worst with a stale temporary beside it,
-which minsnr.resume removes at the next start). `latest.pt` is a hard link to the newest step. A write
-that fails (disk full ...) raises WriteError naming the file; the temporary is removed.
+Writes go through minsnr.files.atomic_write (a fsynced temporary `.NAME.tmp`, renamed over the target), so
+a kill -9 at any moment leaves the previous file intact (at worst with a stale temporary beside it, which
+minsnr.resume removes at the next start). `latest.pt` is a hard link to the newest step. A write that
+fails (disk full ...) raises minsnr.files.WriteError naming the file.
 The stored config leaves run_dir empty: where a run lives is no part of what its weights are, so two
 identical runs in different folders write identical ema.safetensors bytes.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from minsnr.config import Config, from_dict, to_dict
+from minsnr.files import WriteError, atomic_write, fsync_dir
 from minsnr.models import build_model
 
 VERSION = 1
@@ -38,58 +38,6 @@ REQUIRED = ("model", "ema", "optimizer", "step", "config", "rng", "rng_ranks", "
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
-
-
-class WriteError(OSError):
-    """A file of the run could not be written (disk full, no permission ...); the message names the file."""
-
-    def __init__(self, path: Path, err: OSError):
-        super().__init__(err.errno, err.strerror or str(err), str(path))
-        what = "disk full writing" if err.errno == errno.ENOSPC else "cannot write"
-        self.message = f"{what} {path} ({err.strerror or err})"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _os_error(err: BaseException) -> OSError | None:
-    """The OSError behind `err`: itself, or the one a native writer (torch.save) turned into a RuntimeError."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through a fsynced temporary and a rename: readers see the old file or the new one."""
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp"  # one writer per run folder (rank 0); a stale one is overwritten
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask's permissions, as open() gives
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        cause = _os_error(err)
-        if cause is not None:
-            raise WriteError(path, cause) from err
-        raise
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -144,7 +92,7 @@ def link_latest(ckpt_dir: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)
         os.replace(tmp, ckpt_dir / "latest.pt")
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise WriteError(ckpt_dir / "latest.pt", err) from err

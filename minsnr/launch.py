@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from minsnr.checkpoint import CheckpointError, WriteError
+from minsnr.checkpoint import CheckpointError
+from minsnr.files import WriteError
 from minsnr.config import Config, ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
 from minsnr.distributed import teardown

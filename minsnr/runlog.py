@@ -1,7 +1,7 @@
 """What a run writes while it trains: JSONL metrics, TensorBoard scalars, per-timestep-bin losses.
 
 Per-bin statistics accumulate on the device every step (no host sync) and are read every `log.every`
-steps; bin k covers timesteps [k T/10, (k+1) T/10), the ranges of the paper's figure 6.
+steps; the bins are the tenths of the timesteps of the paper's figure 6 (minsnr.timesteps.bins).
 """
 
 from __future__ import annotations
@@ -14,30 +14,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from minsnr.checkpoint import WriteError, atomic_write
+from minsnr.files import WriteError, atomic_write
 from minsnr.extras import optional
-
-NUM_BINS = 10
-
-
-def bin_names(num_timesteps: int) -> list[str]:
-    """The NUM_BINS timestep bins of figure 6 as logged: '000-099', '100-199', ... for T = 1000."""
-    width = num_timesteps // NUM_BINS
-    return [f"{k * width:03d}-{(k + 1) * width - 1:03d}" for k in range(NUM_BINS)]
-
+from minsnr.timesteps import NUM_BINS, bin_index, bin_name, bins
 
 class BinStats:
     """Sums of the weighted loss and of the unweighted x0 MSE per timestep bin, on the device."""
 
     def __init__(self, num_timesteps: int, device: torch.device):
-        self.num_timesteps = num_timesteps
-        self.names = bin_names(num_timesteps)
+        ranges = bins(num_timesteps)
+        self.names = [bin_name(lo, hi) for lo, hi in ranges]
+        self.bin_of_t = bin_index(ranges).to(device)
         self.mse = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
         self.count = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)
         self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of batch losses, steps]
 
     def add(self, t: Tensor, mse_x0: Tensor, loss: Tensor) -> None:
-        idx = t * NUM_BINS // self.num_timesteps
+        idx = self.bin_of_t[t]
         self.mse.index_add_(0, idx, mse_x0.detach().to(torch.float64))
         self.count.index_add_(0, idx, torch.ones_like(mse_x0, dtype=torch.float64))
         self.loss += torch.stack([loss.detach().to(torch.float64), torch.ones((), dtype=torch.float64, device=loss.device)])

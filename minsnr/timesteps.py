@@ -108,3 +108,28 @@ def make_timesteps(distribution: str | Distribution, schedule: Schedule, weighti
     if dist.same_objective and bool((pmf == 0).any()):
         raise ValueError(f"importance sampling needs w(t) > 0 at every t; {weighting!r} has zeros")
     return Timesteps(pmf, torch.cumsum(pmf, 0), correction.float())
+
+
+NUM_BINS = 10  # figure 6: the loss per tenth of the timesteps
+
+Range = tuple[int, int]
+
+
+def bins(num_timesteps: int, count: int = NUM_BINS) -> list[Range]:
+    """`count` contiguous timestep ranges [lo, hi) covering 0..T-1, sizes differing by at most one (edges
+    round(k T / count)): the bins of figure 6 (logged per run, `minsnr losses`, `compare`), the tasks of the
+    Pareto analysis (section 3.2) and of the `pareto` weighting."""
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"number of timestep ranges must be in [1, {num_timesteps}], got {count}")
+    edges = [round(i * num_timesteps / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def bin_name(lo: int, hi: int) -> str:
+    """'000-099' for the range [0, 100), as metrics are logged."""
+    return f"{lo:03d}-{hi - 1:03d}"
+
+
+def bin_index(ranges: list[Range]) -> Tensor:
+    """long [T]: the index of the range each timestep falls in."""
+    return torch.cat([torch.full((hi - lo,), k, dtype=torch.long) for k, (lo, hi) in enumerate(ranges)])

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -38,6 +37,7 @@ from minsnr.models import build_model
 from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
+from minsnr.seeds import derive_seed
 from minsnr.step import CPU_ATTENTION, StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
 from minsnr.timesteps import make_timesteps
 
@@ -73,10 +73,6 @@ class Hook:
 
     every: int
     fn: Callable[[HookContext], Optional[dict[str, float]]]
-
-
-def step_seed(seed: int, step: int, micro: int) -> int:
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def check_data_fits(cfg: Config, dataset: Any) -> None:
@@ -263,7 +259,7 @@ class Trainer:
         x, labels = next(self.batches)
         x, labels = x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         n = x.shape[0] * world
-        self.gen.manual_seed(step_seed(cfg.train.seed, self.step, micro))
+        self.gen.manual_seed(derive_seed(cfg.train.seed, self.step, micro))
         t = self.timesteps.draw(n, self.gen)[rank::world]
         noise = torch.randn((n, *x.shape[1:]), device=self.device, generator=self.gen)[rank::world]
         u = torch.rand(n, device=self.device, generator=self.gen)[rank::world]

@@ -11,12 +11,13 @@ from torch import nn
 
 from minsnr.config import Config
 from minsnr.pareto.compare import FIGURE4, compare, fixed_weights, instability
-from minsnr.pareto.gram import (equal_ranges, gram_matrix, make_task_batch, sampled_ranges, task_gradients,
+from minsnr.gram import (gram_matrix, make_task_batch, sampled_ranges, task_gradients,
                                 task_losses)
 from minsnr.data import ArrayDataset
 from minsnr.pareto.monitor import make_pareto_hook, pareto_metrics
 from minsnr.schedule import make_schedule
 from minsnr.train import HookContext
+from minsnr.timesteps import bins
 
 
 class TinyNet(nn.Module):
@@ -45,7 +46,7 @@ def setup(num_tasks: int = 4, images: int = 3, seed: int = 0):
     x0 = torch.rand(images, 1, 6, 6, dtype=torch.float64) * 2 - 1
     labels = torch.randint(0, 3, (images,))
     sched = make_schedule("cosine")
-    batch = make_task_batch(x0, labels, equal_ranges(1000, num_tasks), generator=torch.Generator().manual_seed(1))
+    batch = make_task_batch(x0, labels, bins(1000, num_tasks), generator=torch.Generator().manual_seed(1))
     return model, sched, batch
 
 
@@ -70,22 +71,22 @@ def reference_gradients(model: nn.Module, batch, sched, target: str) -> torch.Te
 
 
 def test_ranges_and_task_batch():
-    assert equal_ranges(1000, 3) == [(0, 333), (333, 667), (667, 1000)]
+    assert bins(1000, 3) == [(0, 333), (333, 667), (667, 1000)]
     ranges = sampled_ranges(1000, 5, torch.Generator().manual_seed(0))
     assert all(hi == lo + 1 for lo, hi in ranges) and len({lo for lo, _ in ranges}) == 5
-    with pytest.raises(ValueError, match="number of tasks"):
-        equal_ranges(10, 11)
+    with pytest.raises(ValueError, match="number of timestep ranges"):
+        bins(10, 11)
     x0 = torch.randn(8, 1, 2, 2)
-    shared = make_task_batch(x0, None, equal_ranges(1000, 4))
+    shared = make_task_batch(x0, None, bins(1000, 4))
     assert shared.x0.shape[0] == 32 and torch.equal(shared.x0[8:16], x0)
-    split = make_task_batch(x0, torch.arange(8), equal_ranges(1000, 4), share=False)
+    split = make_task_batch(x0, torch.arange(8), bins(1000, 4), share=False)
     assert split.x0.shape[0] == 8 and split.task.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     for b in (shared, split):
         lo = torch.tensor([r[0] for r in b.ranges])[b.task]
         hi = torch.tensor([r[1] for r in b.ranges])[b.task]
         assert ((b.t >= lo) & (b.t < hi)).all()
     with pytest.raises(ValueError, match="8 images"):
-        make_task_batch(x0, None, equal_ranges(1000, 3), share=False)
+        make_task_batch(x0, None, bins(1000, 3), share=False)
 
 
 @pytest.mark.parametrize("target", ["x0", "eps", "v"])
@@ -154,7 +155,7 @@ def test_task_losses_match_reference():
 
 def test_fixed_weights_closed_forms():
     sched = make_schedule("cosine")
-    ranges = equal_ranges(1000, 4)
+    ranges = bins(1000, 4)
     np.testing.assert_allclose(fixed_weights(sched, ranges, "const"), np.full(4, 0.25))
     snr = (sched.alphas_cumprod / (1 - sched.alphas_cumprod)).numpy()
     for name, (strategy, gamma) in FIGURE4.items():
@@ -177,14 +178,14 @@ def test_monitor_matches_independent_computation():
     assert set(metrics) == {"pareto/objective_min_snr", "pareto/objective_ugd", "pareto/neg_cos_frac"}
     assert all(math.isfinite(v) for v in metrics.values())
     assert model.training and all(p.grad is None for p in model.parameters())
-    batch = make_task_batch(x0, labels, equal_ranges(1000, 5), generator=torch.Generator().manual_seed(7))
+    batch = make_task_batch(x0, labels, bins(1000, 5), generator=torch.Generator().manual_seed(7))
     g = reference_gradients(model, batch, sched, "eps").numpy()
     gram = g @ g.T
     negatives = sum(g[k] @ g[l] < 0 for k in range(5) for l in range(k + 1, 5))
     assert 0 <= metrics["pareto/neg_cos_frac"] <= 1
     assert metrics["pareto/neg_cos_frac"] == pytest.approx(negatives / 10)
     snr = (sched.alphas_cumprod / (1 - sched.alphas_cumprod)).numpy()
-    w = np.array([np.minimum(snr[lo:hi], 3.0).mean() for lo, hi in equal_ranges(1000, 5)])
+    w = np.array([np.minimum(snr[lo:hi], 3.0).mean() for lo, hi in bins(1000, 5)])
     w /= w.sum()
     assert metrics["pareto/objective_min_snr"] == pytest.approx(w @ gram @ w, rel=1e-5)
     assert metrics["pareto/objective_ugd"] <= metrics["pareto/objective_min_snr"] * (1 + 1e-9)
@@ -198,7 +199,7 @@ def test_instability_shapes_and_spread():
         idx = torch.randint(0, 50, (m,), generator=gen)
         return pool[idx], idx % 3
 
-    out = instability(model, draw, sched, "x0", equal_ranges(1000, 3), sizes=[1, 4], repeats=3, seed=0)
+    out = instability(model, draw, sched, "x0", bins(1000, 3), sizes=[1, 4], repeats=3, seed=0)
     assert [e["samples_per_task"] for e in out] == [1, 4]
     for e in out:
         w = np.array(e["weights"])

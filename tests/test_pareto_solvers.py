@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import minimize
 
 from minsnr.pareto.compare import cosine_matrix, negative_cosine_fraction
-from minsnr.pareto.solvers import FW_VARIANTS, frank_wolfe, objective, ugd
+from minsnr.solvers import FW_VARIANTS, frank_wolfe, objective, ugd
 
 SOLVERS = [lambda g, lam: frank_wolfe(g, lam, variant="pairwise"), lambda g, lam: frank_wolfe(g, lam, variant="away"),
            lambda g, lam: ugd(g, lam)]

@@ -13,7 +13,7 @@ import torch
 from minsnr.adaptive import ParetoWeight
 from minsnr.compare.presets import parse_weighting
 from minsnr.config import ConfigError
-from minsnr.pareto.solvers import ugd
+from minsnr.solvers import ugd
 from minsnr.schedule import make_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -18,7 +18,8 @@ import numpy as np
 
 from minsnr.compare import verdict
 from minsnr.compare.presets import RunSpec, run_folder
-from minsnr.compare.worker import LOSSES, STATUS, read_json
+from minsnr.compare.worker import LOSSES, STATUS
+from minsnr.files import read_json
 from minsnr.evaluate.plots import read_metric
 
 LEVEL_LABELS = {"quarter": "at ref 1/4", "half": "at ref 1/2", "end": "at ref end"}

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from minsnr.compare.presets import RunSpec, Settings, check_base, run_config, run_matrix, seed_values
-from minsnr.compare.worker import LOSSES, STATUS, read_json, write_json
+from minsnr.compare.worker import LOSSES, STATUS
+from minsnr.files import read_json, write_json
 from minsnr.config import Config, ConfigError, dump_yaml, to_dict
 
 FORMAT = "minsnr-compare/2"  # /2: seeds, runs in RUN_DIR/seed<S>/<run>

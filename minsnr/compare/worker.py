@@ -13,26 +13,16 @@ A non-finite loss is a result ("diverged", exit 0), not a crash; any other error
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
+from minsnr.files import read_json, write_json
+
 STATUS = "compare_status.json"
 LOSSES = "compare_losses.json"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic (checkpoint.atomic_write): a reader never sees half a file, a kill never leaves one."""
-    from minsnr.checkpoint import atomic_write  # lazily: the report reads JSON without importing torch
-
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[str, Any]:
@@ -42,7 +32,8 @@ def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[
     import torch
 
     from minsnr.checkpoint import load_model
-    from minsnr.evaluate.losses import bin_edges, bin_losses, held_out
+    from minsnr.evaluate.losses import bin_losses, held_out
+    from minsnr.timesteps import bins
 
     cached = read_json(run_dir / LOSSES)
     if cached is not None and cached.get("step") == step and cached.get("num_images") == num:
@@ -56,10 +47,9 @@ def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[
         print(f"figure 6: no held-out split ({err}); using training images", file=sys.stderr)
         split = "train"
         x, labels = held_out(cfg, None, split, num, seed)
-    mse = bin_losses(model.to(device), cfg, x, labels, bins=10, seed=seed, device=device)
-    edges = bin_edges(cfg.schedule.num_timesteps, 10)
+    mse = bin_losses(model.to(device), cfg, x, labels, seed=seed, device=device)
     out = {"step": step, "split": split, "num_images": num, "seed": seed,
-           "bins": [[lo, hi] for lo, hi in zip(edges[:-1], edges[1:])], "mse": mse}
+           "bins": [[lo, hi] for lo, hi in bins(cfg.schedule.num_timesteps)], "mse": mse}
     write_json(run_dir / LOSSES, out)
     return out
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 from minsnr.data.arrays import ArrayDataset, load_digits, load_npz
 from minsnr.data.base import BadImagesError, ImageDataset
 from minsnr.data.folder import FolderDataset
@@ -67,6 +69,14 @@ SOURCES: dict[str, Callable[["DataConfig", str, dict[str, Any]], ImageDataset]] 
     "digits": _digits, "npz": _npz, "folder": _folder, "latent": _latent}
 
 
+def labels_for(num_classes: int, dataset: ImageDataset, labels: torch.Tensor) -> torch.Tensor | None:
+    """The labels a model with `num_classes` class rows takes for these images: None for an unconditional
+    model (num_classes 0), the null label (index num_classes) when the data has no classes."""
+    if num_classes == 0:
+        return None
+    return labels if dataset.num_classes > 0 else torch.full_like(labels, num_classes)
+
+
 def build_dataset(cfg: "DataConfig", *, split: str = "train") -> ImageDataset:
     """The dataset `cfg` describes. Image folders and latent folders have only a train split."""
     build = lookup(SOURCES, cfg.source, "data.source")
@@ -78,4 +88,4 @@ def build_dataset(cfg: "DataConfig", *, split: str = "train") -> ImageDataset:
 
 
 __all__ = ["build_dataset", "Batches", "BadImagesError", "ImageDataset", "ArrayDataset", "FolderDataset",
-           "LatentDataset", "load_digits", "load_npz", "CROPS", "SOURCES"]
+           "LatentDataset", "load_digits", "load_npz", "CROPS", "SOURCES", "labels_for"]

@@ -34,6 +34,7 @@ from minsnr.data.loader import BatchFetch, keep_batch
 from minsnr.data.transforms import CROPS, Key, empty_batch, flips, split_key
 from minsnr.distributed import barrier, setup, teardown
 from minsnr.extras import require
+from minsnr.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,6 @@ def decode_latents(vae: torch.nn.Module, z: torch.Tensor, scale_factor: float) -
     p = next(vae.parameters())
     x = vae.decode((z / scale_factor).to(p.device, p.dtype)).sample  # type: ignore[operator]
     return x.float().clamp(-1, 1).to(z.device)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (several ranks may finish at once)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_meta(root: str | Path) -> dict[str, Any]:
@@ -149,7 +143,7 @@ def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:
     shape = (settings["count"], 2, 2, *settings["shape"])
     np.lib.format.open_memmap(out / MOMENTS, mode="w+", dtype=settings["dtype"], shape=shape).flush()
     np.save(out / LABELS, labels.astype(np.int64))
-    write_json(out / SETTINGS, settings)  # last: its presence means the folder is ready
+    write_json(out / SETTINGS, settings, indent=1)  # last: its presence means the folder is ready
 
 
 def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 256, *, batch: int = 32,
@@ -200,7 +194,7 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
             bar.update(b)
             if hi == min((k + 1) * chunk, n):  # chunk finished: flush, then mark it done
                 moments.flush()
-                write_json(out / DONE / f"{k:06d}.json", {"bad": chunk_bad})
+                write_json(out / DONE / f"{k:06d}.json", {"bad": chunk_bad}, indent=1)
                 chunk_bad = []
     del moments
     barrier(world)
@@ -214,7 +208,7 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
             raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data),
                                                     "--max-bad-fraction"))
         write_json(out / META, {**settings, "bad_files": bad,
-                                "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"})
+                                "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"}, indent=1)
     if d.started:
         teardown()
     return complete

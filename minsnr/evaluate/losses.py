@@ -29,11 +29,8 @@ from minsnr.evaluate.util import HelpFormatter, check_ema_choice, run_verb
 from minsnr.extras import require
 from minsnr.objective import diffusion_loss
 from minsnr.schedule import make_schedule
-
-
-def bin_edges(num_timesteps: int, bins: int) -> list[int]:
-    """Edges of `bins` equal timestep ranges: [0, 100, ..., 1000] for T=1000, bins=10."""
-    return np.linspace(0, num_timesteps, bins + 1).round().astype(int).tolist()
+from minsnr.seeds import derive_seed
+from minsnr.timesteps import bins as timestep_bins
 
 
 def held_out(cfg: Config, data: str | None, split: str, num: int,
@@ -66,11 +63,11 @@ def bin_losses(model: nn.Module, cfg: Config, x: torch.Tensor, labels: torch.Ten
     """Mean unweighted x0 MSE per timestep range [k T/bins, (k+1) T/bins); a progress bar named `desc`
     over the bins when given."""
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
-    edges = bin_edges(schedule.num_timesteps, bins)
     out = []
-    ranges = tqdm(list(zip(edges[:-1], edges[1:])), desc=desc, unit="bin", disable=desc is None, dynamic_ncols=True)
+    ranges = tqdm(timestep_bins(schedule.num_timesteps, bins), desc=desc, unit="bin", disable=desc is None,
+                  dynamic_ncols=True)
     for b, (lo, hi) in enumerate(ranges):
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
+        gen = torch.Generator().manual_seed(derive_seed(seed, b))
         noise = torch.randn(x.shape, generator=gen)
         t = lo + torch.arange(len(x)) % (hi - lo)
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -171,8 +168,7 @@ def _losses(a: argparse.Namespace) -> int:
                          desc=Path(ckpt).name)
         results.append({"path": str(ckpt), "run": _run_name(Path(ckpt)), "step": _step(Path(ckpt)), "mse": mse})
         print(f"{ckpt}: " + " ".join(f"{m:.4g}" for m in mse))
-    edges = bin_edges(cfg.schedule.num_timesteps, a.bins)
-    bins = [[lo, hi] for lo, hi in zip(edges[:-1], edges[1:])]
+    bins = [[lo, hi] for lo, hi in timestep_bins(cfg.schedule.num_timesteps, a.bins)]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"bins": bins, "num_images": len(x), "seed": a.seed, "ema": a.ema, "checkpoints": results}

@@ -36,6 +36,7 @@ from minsnr.evaluate.images import ImageSet, to_uint8, write_npz
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice, progress, run_verb
 from minsnr.sampling import SAMPLERS, generate
 from minsnr.schedule import make_schedule
+from minsnr.seeds import derive_seed
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,7 +47,7 @@ def balanced_labels(num: int, num_classes: int, seed: int) -> np.ndarray:
 
 
 def chunk_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, index)
 
 
 def trained_class_names(checkpoint: str | Path) -> list[str]:

@@ -8,9 +8,9 @@
 """
 
 from minsnr.pareto.compare import FIGURE4, compare, cosine_matrix, fixed_weights, instability, negative_cosine_fraction
-from minsnr.pareto.gram import TaskBatch, equal_ranges, gram_matrix, make_task_batch, sampled_ranges, task_gradients
-from minsnr.pareto.solvers import Solution, frank_wolfe, objective, ugd
+from minsnr.gram import TaskBatch, gram_matrix, make_task_batch, sampled_ranges, task_gradients
+from minsnr.solvers import Solution, frank_wolfe, objective, ugd
 
 __all__ = ["FIGURE4", "compare", "cosine_matrix", "fixed_weights", "instability", "negative_cosine_fraction",
-           "TaskBatch", "equal_ranges", "gram_matrix", "make_task_batch", "sampled_ranges", "task_gradients",
+           "TaskBatch", "gram_matrix", "make_task_batch", "sampled_ranges", "task_gradients",
            "Solution", "frank_wolfe", "objective", "ugd"]

@@ -22,9 +22,10 @@ from minsnr.config import ConfigError
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
 from minsnr.pareto.compare import compare, cosine_matrix, instability, negative_cosine_fraction
-from minsnr.pareto.gram import (Range, auto_block, equal_ranges, gram_matrix, make_task_batch, sampled_ranges,
+from minsnr.gram import (Range, auto_block, gram_matrix, make_task_batch, sampled_ranges,
                                 task_losses)
 from minsnr.pareto.plots import LABELS, plot_cosines, plot_instability, plot_objectives
+from minsnr.timesteps import bins
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
     if args.tasks > t_count:
         raise ConfigError(f"--tasks {args.tasks} exceeds the schedule's {t_count} timesteps")
     gen = torch.Generator().manual_seed(args.seed)
-    ranges = sampled_ranges(t_count, args.tasks, gen) if args.sampled else equal_ranges(t_count, args.tasks)
+    ranges = sampled_ranges(t_count, args.tasks, gen) if args.sampled else bins(t_count, args.tasks)
     x0, labels = draw(loaded, args.batch, gen)
     batch = make_task_batch(x0, labels, ranges, generator=gen).to(loaded.device)
     block = args.block or auto_block(model, args.tasks)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from minsnr.checkpoint import load_model
 from minsnr.config import Config, ConfigError, validate
-from minsnr.data import build_dataset
+from minsnr.data import build_dataset, labels_for
 from minsnr.data.base import ImageDataset
 from minsnr.distributed import resolve_device
 from minsnr.schedule import Schedule, make_schedule
@@ -78,19 +78,11 @@ def load(args: argparse.Namespace) -> Loaded:
     return Loaded(model, cfg, schedule, dataset, device)
 
 
-def labels_for(model: nn.Module, dataset: ImageDataset, labels: Tensor) -> Tensor | None:
-    """None for an unconditional model; the null label when the data has no classes."""
-    num_classes = getattr(model, "num_classes", 0)
-    if num_classes == 0:
-        return None
-    return labels if dataset.num_classes > 0 else torch.full_like(labels, num_classes)
-
-
 def draw(loaded: Loaded, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
     """n images drawn uniformly with replacement (un-augmented) and their labels, on the CPU."""
     idx = torch.randint(0, len(loaded.dataset), (n,), generator=generator).tolist()
     x, labels, _ = loaded.dataset.get_batch(idx)
-    return x, labels_for(loaded.model, loaded.dataset, labels)
+    return x, labels_for(getattr(loaded.model, "num_classes", 0), loaded.dataset, labels)
 
 
 def out_dir(args: argparse.Namespace, name: str) -> Path:

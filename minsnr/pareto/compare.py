@@ -10,8 +10,8 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
-from minsnr.pareto.gram import Range, gram_matrix, make_task_batch
-from minsnr.pareto.solvers import Solution, frank_wolfe, objective, ugd
+from minsnr.gram import Range, gram_matrix, make_task_batch
+from minsnr.solvers import Solution, frank_wolfe, objective, ugd
 from minsnr.schedule import Schedule
 from minsnr.weighting import STRATEGIES, x0_weight
 

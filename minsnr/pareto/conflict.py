@@ -24,10 +24,12 @@ from minsnr.config import ConfigError
 from minsnr.data import Batches
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice
 from minsnr.objective import diffusion_loss, drop_labels
-from minsnr.pareto.common import Loaded, add_common_args, draw, labels_for, load, out_dir
-from minsnr.pareto.gram import Range, TaskBatch, equal_ranges, make_task_batch, task_losses
+from minsnr.data import labels_for
+from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
+from minsnr.gram import Range, TaskBatch, make_task_batch, task_losses
 from minsnr.pareto.plots import plot_matrix
 from minsnr.weighting import ADAPTIVE
+from minsnr.timesteps import bins
 
 
 def parse_ranges(text: str, num_timesteps: int) -> list[Range]:
@@ -61,7 +63,7 @@ def fine_tune(loaded: Loaded, start: nn.Module, rng: Range, *, steps: int, lr: f
     for _ in tqdm(range(steps), desc=f"fine-tuning on t in [{rng[0]}, {rng[1]})", unit="step", dynamic_ncols=True):
         x, y = next(batches)
         x = x.to(device)
-        labels = labels_for(model, loaded.dataset, y.to(device))
+        labels = labels_for(getattr(model, "num_classes", 0), loaded.dataset, y.to(device))
         if labels is not None:
             labels = drop_labels(labels, cfg.loss.label_dropout, num_classes, generator=gen)
         t = torch.randint(rng[0], rng[1], (x.shape[0],), device=device, generator=gen)
@@ -120,7 +122,7 @@ def main(argv: list[str]) -> int:
         ranges = parse_ranges(args.ranges, t_count)
         gen = torch.Generator().manual_seed(args.seed)
         x0, labels = draw(loaded, args.eval_images, gen)
-        eval_batch = make_task_batch(x0, labels, equal_ranges(t_count, args.bins), generator=gen).to(loaded.device)
+        eval_batch = make_task_batch(x0, labels, bins(t_count, args.bins), generator=gen).to(loaded.device)
         args.lr = args.lr or loaded.cfg.optim.lr / 10
         report = conflict(loaded, ranges, eval_batch, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                           seed=args.seed)

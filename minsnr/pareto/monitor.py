@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from minsnr.config import Config
 from minsnr.adaptive import PARETO_IMAGES, PARETO_LAMBDA, PARETO_TASKS, probe_images
 from minsnr.pareto.compare import fixed_weights, negative_cosine_fraction
-from minsnr.pareto.gram import equal_ranges, gram_matrix, make_task_batch
-from minsnr.pareto.solvers import objective, ugd
+from minsnr.gram import gram_matrix, make_task_batch
+from minsnr.solvers import objective, ugd
 from minsnr.schedule import Schedule
 from minsnr.weighting import ADAPTIVE
+from minsnr.timesteps import bins
 
 if TYPE_CHECKING:
     from minsnr.train import HookContext
@@ -30,7 +31,7 @@ def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule
     pareto weightings), pareto/objective_ugd, pareto/neg_cos_frac.
     """
     device = next(model.parameters()).device
-    ranges = equal_ranges(schedule.num_timesteps, num_tasks)
+    ranges = bins(schedule.num_timesteps, num_tasks)
     gen = torch.Generator().manual_seed(seed)
     batch = make_task_batch(x0.detach(), labels, ranges, generator=gen).to(device)
     gram = gram_matrix(model, batch, schedule.to(device), cfg.loss.target).numpy()

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from numpy.typing import ArrayLike  # noqa: E402
 
-from minsnr.pareto.gram import Range  # noqa: E402
+from minsnr.gram import Range  # noqa: E402
 from minsnr.weighting import STRATEGIES  # noqa: E402
 
 # Display names in the paper's spelling, with the default gamma (Max-SNR-1, Min-SNR-5, ...).

@@ -1,7 +1,7 @@
 """Per-task gradients of the unweighted x0-space loss and their float64 Gram matrix (section 3.2-3.3).
 
-Timesteps are split into K tasks, each a range [lo, hi) (K equal ranges, or K sampled timesteps as ranges
-of width 1). A `TaskBatch` fixes, for every sample, its image, label, task, timestep and noise, so every
+Timesteps are split into K tasks, each a range [lo, hi) (K equal ranges, minsnr.timesteps.bins, or K sampled
+timesteps as ranges of width 1). A `TaskBatch` fixes, for every sample, its image, label, task, timestep and noise, so every
 gradient is a deterministic function of the model. The loss of task k is the mean over its samples of
 ||x0 - x0_hat||^2 / (C H W), the loss whose weights section 3.4 discusses, whatever the model's target.
 
@@ -21,17 +21,9 @@ from tqdm import tqdm
 
 from minsnr.objective import predict_x0, q_sample
 from minsnr.schedule import Schedule
+from minsnr.timesteps import Range
 
-Range = tuple[int, int]
 _DOT_CHUNK = 1 << 20  # parameters per float64 chunk when multiplying gradients
-
-
-def equal_ranges(num_timesteps: int, num_tasks: int) -> list[Range]:
-    """K contiguous ranges [lo, hi) covering 0..T-1 with sizes differing by at most one."""
-    if not 1 <= num_tasks <= num_timesteps:
-        raise ValueError(f"number of tasks must be in [1, {num_timesteps}], got {num_tasks}")
-    edges = [round(i * num_timesteps / num_tasks) for i in range(num_tasks + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(num_tasks)]
 
 
 def sampled_ranges(num_timesteps: int, num_tasks: int, generator: torch.Generator | None = None) -> list[Range]:
