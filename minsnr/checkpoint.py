@@ -32,6 +32,8 @@ from minsnr.files import WriteError, atomic_write, fsync_dir
 from minsnr.models import build_model
 
 VERSION = 1
+EMA_EXPORT = "ema.safetensors"  # RUN_DIR/: the EMA weights for sharing (load_model, minsnr sample read it)
+LOSS_WEIGHT_EXPORT = "loss_weight.safetensors"  # RUN_DIR/: a stateful weighting's state, keys "loss_weight.*"
 STEP_FILE = re.compile(r"step_(\d{9})\.pt$")
 REQUIRED = ("model", "ema", "optimizer", "step", "config", "rng", "rng_ranks", "data")  # what resume reads
 

@@ -14,11 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from minsnr.data import SOURCES
+from minsnr.data.transforms import CROPS
+from minsnr.distributed import ATTENTION, COMPILE_MODES
+from minsnr.models import MODELS
 from minsnr.registry import did_you_mean
-from minsnr.sampling import DEFAULT_SAMPLER
+from minsnr.sampling import DEFAULT_SAMPLER, SAMPLERS
+from minsnr.schedule import SCHEDULES
 from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, check_weighting
 from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTINGS
 
@@ -95,8 +100,8 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch ops; 0: torch's default on the CPU, max(1, min(4, cores // 4)) on CUDA
     data_on_device: Optional[bool] = None  # keep array data (digits, npz) on the device; null: on CUDA when it fits
     cuda_graph: bool = True  # replay the whole step as one CUDA graph where it applies (CUDA, 1 process, grad_accum 1)
-    compile_mode: str = "default"  # torch.compile mode when compile=true; a key of minsnr.step.COMPILE_MODES
-    attention: str = "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.step.ATTENTION)
+    compile_mode: str = "default"  # torch.compile mode when compile=true; a key of minsnr.distributed.COMPILE_MODES
+    attention: str = "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.distributed.ATTENTION)
     pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
 
 
@@ -197,9 +202,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             base = OmegaConf.merge(base, OmegaConf.load(p))
         except OmegaConfBaseException as err:
             raise _explain(err, str(p)) from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+    return _finish(_merge(base, overrides or [], None))
+
+
+def apply_overrides(cfg: Config, overrides: list[str], only: str | None = None) -> Config:
+    """`cfg` with `key=value` overrides, validated; `only` (e.g. "data."): every key must start with it. The
+    one override parser: load_config, and the verbs that change a stored config (pareto, conflict)."""
+    return _finish(_merge(OmegaConf.structured(cfg), overrides, only))
+
+
+def _merge(base: Any, overrides: list[str], only: str | None) -> Any:
+    for item in overrides:
+        if "=" not in item or (only is not None and not item.startswith(only)):
+            raise ConfigError(f"override {item!r} is not of the form {only or ''}key=value")
         try:
             override = OmegaConf.from_dotlist([item])
             if item.startswith("model.name=") and override.model.name != base.model.name and base.model.args:
@@ -209,7 +224,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             base = OmegaConf.merge(base, override)
         except OmegaConfBaseException as err:
             raise _explain(err, f"command-line override {item!r}") from None
-    cfg: Config = OmegaConf.to_object(base)  # type: ignore[assignment]
+    return base
+
+
+def _finish(merged: Any) -> Config:
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     cfg = _expand_paths(cfg)
     validate(cfg)
     return with_model_args(cfg)
@@ -246,13 +265,6 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
     """Every config key with a fixed set of valid values -> that set (the registries themselves)."""
-    from minsnr.data import SOURCES
-    from minsnr.data.transforms import CROPS
-    from minsnr.models import MODELS
-    from minsnr.sampling import SAMPLERS
-    from minsnr.schedule import SCHEDULES
-    from minsnr.step import ATTENTION, COMPILE_MODES
-
     return {"model.name": MODELS, "data.source": SOURCES, "data.crop": CROPS, "schedule.name": SCHEDULES,
             "loss.target": TARGETS, "loss.weighting": WEIGHTINGS, "loss.timesteps": TIMESTEPS,
             "train.precision": PRECISIONS, "train.device": DEVICES, "train.compile_mode": COMPILE_MODES,
@@ -337,8 +349,8 @@ def update_readme(path: str | Path) -> bool:
     return new != text
 
 
-__all__ = ["Config", "ConfigError", "load_config", "packaged_configs", "resolve_config", "validate", "with_model_args",
-           "choices", "choices_table", "to_dict", "from_dict", "dump_yaml", "DictConfig"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "packaged_configs", "resolve_config", "validate", "with_model_args",
+           "choices", "choices_table", "to_dict", "from_dict", "dump_yaml"]
 
 if __name__ == "__main__":
     import sys

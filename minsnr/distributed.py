@@ -15,6 +15,13 @@ import torch
 import torch.distributed as dist
 
 
+# The backends a device offers, as config choices (train.compile_mode, train.attention); minsnr.step uses them.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHING_MODES = ("reduce-overhead", "max-autotune")  # inductor captures its own CUDA graphs of the model
+ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # scaled_dot_product_attention backends; auto = torch's
+CPU_ATTENTION = ("auto", "flash", "math")
+
+
 class DeviceError(ValueError):
     """A device that this machine does not have."""
 

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from minsnr.checkpoint import CheckpointError
+from minsnr.checkpoint import EMA_EXPORT, CheckpointError
 from minsnr.files import WriteError
 from minsnr.config import Config, ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     elif os.environ.get("RANK", "0") == "0":
         print(f"\ntrained to step {result['step']}; outputs in {run}/:")
         for name, what in [("samples.png", "latest EMA sample grid"), ("checkpoints/latest.pt", "checkpoint (resume=auto)"),
-                           ("ema.safetensors", "EMA weights"), ("metrics.jsonl", "metrics"),
+                           (EMA_EXPORT, "EMA weights"), ("metrics.jsonl", "metrics"),
                            ("config.yaml", "resolved config"), ("tensorboard", "tensorboard --logdir " + str(run / "tensorboard"))]:
             if (run / name).exists():
                 print(f"  {run / name}: {what}")

@@ -164,10 +164,10 @@ def repair_export(run_dir: Path, ema: nn.Module, cfg: Config, step: int, class_n
     """Rewrite ema.safetensors (and loss_weight.safetensors for a stateful weighting) when missing, unreadable
     or behind the checkpoint resumed from (a kill during the last export leaves the previous one, and a run
     already at its last step saves no more)."""
-    files = [("ema.safetensors", "EMA weights", lambda p: ck.export_safetensors(p, ema.state_dict(), cfg, step,
+    files = [(ck.EMA_EXPORT, "EMA weights", lambda p: ck.export_safetensors(p, ema.state_dict(), cfg, step,
                                                                                 class_names))]
     if adaptive is not None:
-        files.append((LOSS_WEIGHT_EXPORT, "loss weighting state",
+        files.append((ck.LOSS_WEIGHT_EXPORT, "loss weighting state",
                       lambda p: export_loss_weighting(run_dir, adaptive.state_dict(), cfg, step, class_names)))
     for name, what, write in files:
         path = run_dir / name
@@ -208,14 +208,12 @@ def training_state(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
     return state
 
 
-LOSS_WEIGHT_EXPORT = "loss_weight.safetensors"  # next to ema.safetensors; keys prefixed "loss_weight."
-
 
 def export_loss_weighting(run_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, step: int,
                           class_names: Sequence[str]) -> None:
     """The stateful weighting's state (learned u(t), Pareto weights) in its own safetensors file, so that
     ema.safetensors stays the model alone and `load_model` / `minsnr sample` read it unchanged."""
-    ck.export_safetensors(run_dir / LOSS_WEIGHT_EXPORT, {f"loss_weight.{k}": v for k, v in weights.items()},
+    ck.export_safetensors(run_dir / ck.LOSS_WEIGHT_EXPORT, {f"loss_weight.{k}": v for k, v in weights.items()},
                           cfg, step, class_names)
 
 
@@ -246,7 +244,7 @@ def save(state: dict[str, Any], ema: nn.Module, cfg: Config, run_dir: Path, say:
     path = ck.step_path(ckpt_dir, step)
     ck.save_checkpoint(path, state)
     ck.link_latest(ckpt_dir, path)
-    ck.export_safetensors(run_dir / "ema.safetensors", ema.state_dict(), cfg, step, state["class_names"])
+    ck.export_safetensors(run_dir / ck.EMA_EXPORT, ema.state_dict(), cfg, step, state["class_names"])
     if "loss_weighting" in state:
         export_loss_weighting(run_dir, state["loss_weighting"], cfg, step, state["class_names"])
     prune(ckpt_dir, cfg.checkpoint.keep, path, step, say)
@@ -255,4 +253,4 @@ def save(state: dict[str, Any], ema: nn.Module, cfg: Config, run_dir: Path, say:
 
 __all__ = ["Found", "newest_checkpoint", "last_good", "describe_last_good", "find_checkpoint", "clean_temporaries",
            "restore", "repair_export", "repair_latest", "training_state", "prune", "save",
-           "export_loss_weighting", "LOSS_WEIGHT_EXPORT"]
+           "export_loss_weighting"]

@@ -28,11 +28,9 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 from torch import Tensor
 
+from minsnr.distributed import GRAPHING_MODES
+
 WARMUP = 3  # eager steps before the capture (PyTorch's CUDA graph notes warm up with 3 iterations)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-GRAPHING_MODES = ("reduce-overhead", "max-autotune")  # inductor captures its own CUDA graphs of the model
-ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # train.attention: SDPA backends; auto = torch's choice
-CPU_ATTENTION = ("auto", "flash", "math")
 
 
 def available_cores() -> int:

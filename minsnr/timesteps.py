@@ -28,7 +28,7 @@ from torch import Tensor
 
 from minsnr.registry import lookup
 from minsnr.schedule import Schedule
-from minsnr.weighting import ADAPTIVE, Strategy, loss_weight
+from minsnr.weighting import ADAPTIVE, Strategy, loss_weight, parse_weighting
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,18 @@ class Timesteps:
         """long [batch] timesteps by inverse CDF of U[0, 1) draws from `generator`."""
         u = torch.rand(batch, device=self.cdf.device, dtype=torch.float64, generator=generator)
         return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.cdf.shape[0] - 1)
+
+
+def parse_spec(token: str) -> tuple[str, float | None, str | None]:
+    """'NAME[:GAMMA][@TIMESTEPS]' (min_snr:3, const@logit_normal, min_snr@importance) -> (weighting, gamma or
+    None, timestep distribution or None); ValueError naming what is wrong, including a stateful weighting
+    with importance sampling (`check_weighting`)."""
+    head, at, timesteps = token.partition("@")
+    name, gamma = parse_weighting(head)
+    if at:
+        lookup(TIMESTEPS, timesteps, "timestep distribution")
+        check_weighting(timesteps, name)
+    return name, gamma, timesteps or None
 
 
 def check_weighting(distribution: str | Distribution, weighting: Strategy) -> None:

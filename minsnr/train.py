@@ -31,14 +31,14 @@ from minsnr.adaptive import ParetoWeight, average_gradients, make_adaptive
 from minsnr.config import Config, ConfigError, dump_yaml, with_model_args
 from minsnr.data import build_dataset
 from minsnr.data.device import make_batches
-from minsnr.distributed import setup
+from minsnr.distributed import CPU_ATTENTION, setup
 from minsnr.ema import ema_copy, ema_decay, update_ema
 from minsnr.models import build_model
 from minsnr.objective import diffusion_loss, drop_labels
 from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule, make_schedule
 from minsnr.seeds import derive_seed
-from minsnr.step import CPU_ATTENTION, StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
+from minsnr.step import StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
 from minsnr.timesteps import make_timesteps
 
 

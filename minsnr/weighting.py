@@ -33,6 +33,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
+from minsnr.registry import did_you_mean
+
 SNR_FLOOR = 1e-10
 SNR_CEIL = 1e10
 TARGETS = ("x0", "eps", "v")  # the prediction targets of appendix B
@@ -62,6 +64,25 @@ STRATEGIES: dict[str, tuple[Callable[[Tensor, float, str], Tensor], float | None
 # Stateful weightings (minsnr.adaptive): name -> the STRATEGIES entry they multiply; they take no gamma.
 ADAPTIVE: dict[str, str] = {"learned": "plain", "pareto": "const"}
 WEIGHTINGS = (*STRATEGIES, *ADAPTIVE)  # every valid `loss.weighting`
+
+
+def parse_weighting(text: str) -> tuple[str, float | None]:
+    """'NAME' or 'NAME:GAMMA' -> (a name of WEIGHTINGS, gamma or None for the strategy's default); ValueError
+    naming what is wrong. Only strategies with a default gamma take one, and it must be > 0."""
+    name, colon, gamma_text = text.partition(":")
+    if name not in WEIGHTINGS:
+        raise ValueError(f"{name!r} is not a weighting{did_you_mean(name, WEIGHTINGS)}; choose from "
+                         f"{', '.join(WEIGHTINGS)}")
+    if not colon:
+        return name, None
+    takes = [n for n, (_, g) in STRATEGIES.items() if g is not None]
+    try:
+        gamma = float(gamma_text)
+    except ValueError:
+        raise ValueError(f"gamma {gamma_text!r} is not a number") from None
+    if name not in takes or not gamma > 0:
+        raise ValueError(f"only {', '.join(takes)} take a gamma > 0")
+    return name, gamma
 
 
 def _prepare(snr: Tensor) -> Tensor:

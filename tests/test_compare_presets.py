@@ -42,5 +42,5 @@ def test_unknown_preset_or_weighting_is_named():
     with pytest.raises(ConfigError, match="gamma > 0"):
         run_matrix(settings, None)
     settings.weightings = ["minsnr"]
-    with pytest.raises(ConfigError, match="baseline, const, snr"):
+    with pytest.raises(ConfigError, match="did you mean 'min_snr'.*choose from const, snr.*or baseline"):
         run_matrix(settings, None)

@@ -107,3 +107,17 @@ def test_importance_sampling_has_the_weighted_losses_expected_gradient(target):
     assert torch.all((est - exact).abs() <= 5 * sd + 1e-12), (est - exact).abs().max()
     # and it is a different sampling of t, not the uniform one in disguise
     assert float((ts.pmf - 1 / T).abs().max()) > 0.5 / T
+
+
+def test_a_loss_spec_is_parsed_by_the_registries():
+    from minsnr.timesteps import parse_spec
+
+    assert parse_spec("min_snr") == ("min_snr", None, None)
+    assert parse_spec("min_snr:3@importance") == ("min_snr", 3.0, "importance")
+    assert parse_spec("const@logit_normal") == ("const", None, "logit_normal")
+    for bad, why in [("minsnr", "did you mean 'min_snr'"), ("const:2", "take a gamma > 0"),
+                     ("min_snr:x", "not a number"), ("min_snr:-1", "take a gamma > 0"),
+                     ("min_snr@bogus", "timestep distribution='bogus' is not valid"),
+                     ("learned@importance", "needs a fixed weight")]:
+        with pytest.raises(ValueError, match=why):
+            parse_spec(bad)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
-from minsnr.timesteps import TIMESTEPS, check_weighting
-from minsnr.weighting import STRATEGIES, TARGETS, WEIGHTINGS
+from minsnr.timesteps import parse_spec
+from minsnr.weighting import STRATEGIES, TARGETS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
 PROPOSAL = "min_snr"
@@ -86,38 +86,21 @@ class RunSpec:
 
 
 def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunSpec:
-    """NAME[:GAMMA][@TIMESTEPS] -> the run of `target` it names."""
-    head, _, timesteps = token.partition("@")
-    if timesteps and timesteps not in TIMESTEPS:
-        raise ConfigError(f"weighting {token!r}: timestep distribution {timesteps!r} is not valid; choose from "
-                          f"{', '.join(TIMESTEPS)}")
-    spec = _parse_strategy(head, token, target, config_gamma)
-    if timesteps:
-        try:
-            check_weighting(timesteps, spec.weighting)
-        except ValueError as err:
-            raise ConfigError(f"weighting {token!r}: {err}") from None
-    return dataclasses.replace(spec, timesteps=timesteps or None)
-
-
-def _parse_strategy(head: str, token: str, target: str, config_gamma: float | None) -> RunSpec:
-    name, _, gamma_text = head.partition(":")
+    """NAME[:GAMMA][@TIMESTEPS] (minsnr.timesteps.parse_spec; NAME may be `baseline`) -> the run of `target`."""
+    head, at, rest = token.partition("@")
+    name, colon, gamma_text = head.partition(":")
     name = BASELINES[target] if name == "baseline" else name
-    if name not in WEIGHTINGS:
-        raise ConfigError(f"weighting {token!r} is not valid; choose from baseline, {', '.join(WEIGHTINGS)} "
-                          "(optionally NAME:GAMMA, e.g. min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)")
-    uses_gamma = name in STRATEGIES and STRATEGIES[name][1] is not None
-    if gamma_text:
-        try:
-            gamma = float(gamma_text)
-        except ValueError:
-            raise ConfigError(f"weighting {token!r}: gamma {gamma_text!r} is not a number") from None
-        if not uses_gamma or not gamma > 0:
-            raise ConfigError(f"weighting {token!r}: only max_snr, min_snr and soft_min_snr take a gamma > 0")
-        return RunSpec(target, name, gamma, explicit_gamma=True)
-    if not uses_gamma:
-        return RunSpec(target, name, None)
-    return RunSpec(target, name, config_gamma if config_gamma is not None else STRATEGIES[name][1])
+    try:
+        weighting, gamma, timesteps = parse_spec(name + colon + gamma_text + at + rest)
+    except ValueError as err:
+        raise ConfigError(f"weighting {token!r}: {err}; or baseline, the target's own (optionally NAME:GAMMA, e.g. "
+                          "min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)") from None
+    if gamma is not None:
+        return RunSpec(target, weighting, gamma, explicit_gamma=True, timesteps=timesteps)
+    default = STRATEGIES[weighting][1] if weighting in STRATEGIES else None
+    if default is not None and config_gamma is not None:
+        default = config_gamma
+    return RunSpec(target, weighting, default, timesteps=timesteps)
 
 
 def run_matrix(settings: Settings, config_gamma: float | None) -> list[RunSpec]:

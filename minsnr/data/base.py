@@ -11,7 +11,7 @@ skipped file is reported in the batch; `Batches` warns, counts and enforces `max
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -20,6 +20,18 @@ from minsnr.data.transforms import Key
 
 # x float32 [B, C, H, W], labels int64 [B], unreadable files met as (path, error).
 Fetched = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]
+
+
+class DataSettings(Protocol):
+    """What a data source reads of the config (minsnr.config.DataConfig has these fields)."""
+
+    source: str
+    path: Optional[str]
+    resolution: Optional[int]
+    crop: str
+    hflip: bool
+    conditional: bool
+    max_bad_fraction: float
 
 
 class BadImagesError(RuntimeError):

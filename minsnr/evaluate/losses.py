@@ -36,14 +36,11 @@ from minsnr.timesteps import bins as timestep_bins
 def held_out(cfg: Config, data: str | None, split: str, num: int,
              seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Up to `num` un-augmented images [N, C, H, W] (a seeded subset) and labels (None if unconditional)."""
-    from minsnr.data import build_dataset
+    from minsnr.data import build_dataset, source_of
 
     dc = cfg.data
     if data is not None:
-        if data != "digits" and not (Path(data).is_dir() or (data.endswith(".npz") and Path(data).is_file())):
-            what = "not found" if not Path(data).exists() else "is neither an .npz file nor a folder"
-            raise FileNotFoundError(f"--data {data} {what}; give digits, an .npz file or an image folder")
-        source = "digits" if data == "digits" else "npz" if data.endswith(".npz") else "folder"
+        source = source_of(data, "--data")
         dc = dataclasses.replace(dc, source=source, path=None if source == "digits" else data)
         split = "train" if source == "folder" else split
     dataset = build_dataset(dc, split=split)

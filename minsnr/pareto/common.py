@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from minsnr.checkpoint import load_model
-from minsnr.config import Config, ConfigError, validate
+from minsnr.config import Config, ConfigError, apply_overrides
 from minsnr.data import build_dataset, labels_for
 from minsnr.data.base import ImageDataset
 from minsnr.distributed import resolve_device
@@ -50,16 +48,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def with_data_overrides(cfg: Config, data_path: str | None, overrides: list[str]) -> Config:
     """The config with `data.*` overrides and `--data` applied, validated."""
-    items = list(overrides) + ([f"data.path={data_path}"] if data_path else [])
-    for item in items:
-        if "=" not in item or not item.startswith("data."):
-            raise ConfigError(f"override {item!r} must be of the form data.key=value")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(items))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"bad data override: {str(err).splitlines()[0]}") from None
-    out: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(out)
+    out = apply_overrides(cfg, list(overrides) + ([f"data.path={data_path}"] if data_path else []), only="data.")
     if data_path and out.data.source == "digits":
         raise ConfigError("the checkpoint's data.source is digits, which takes no path; "
                           "add data.source=npz, data.source=folder or data.source=latent")
