@@ -24,7 +24,8 @@ _EXPORTS: dict[str, str] = {
     "Schedule": "minsnr.schedule",
     "loss_weight": "minsnr.weighting",
     "x0_weight": "minsnr.weighting",
-    "diffusion_loss": "minsnr.objective",
+    "diffusion_loss": "minsnr.loss",
+    "TrainingLoss": "minsnr.loss",
     "q_sample": "minsnr.objective",
     "predict_x0": "minsnr.objective",
     "predict_eps": "minsnr.objective",
@@ -50,7 +51,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` impor
     from minsnr.checkpoint import load_model
     from minsnr.config import Config, load_config
     from minsnr.models import MODELS, create_model
-    from minsnr.objective import convert, diffusion_loss, drop_labels, predict_eps, predict_x0, q_sample
+    from minsnr.loss import TrainingLoss, diffusion_loss
+    from minsnr.objective import convert, drop_labels, predict_eps, predict_x0, q_sample
     from minsnr.sampling import (CFGDenoiser, VPDenoiser, generate, karras_sigmas, sample_ddim, sample_euler,
                                  sample_heun)
     from minsnr.schedule import Schedule, make_schedule

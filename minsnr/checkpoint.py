@@ -124,7 +124,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def strict_load(module: Any, state: dict[str, torch.Tensor], what: str) -> None:
+    """module.load_state_dict(state, strict=True) (a module, or a minsnr.loss.TrainingLoss), or CheckpointError
+    naming `what` and the first keys that do not fit."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

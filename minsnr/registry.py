@@ -5,16 +5,21 @@ validation, CLI `choices`, error messages and the README's table of choices all 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Mapping, TypeVar
+from typing import Collection, Iterable, Mapping, TypeVar
 
 T = TypeVar("T")
 
 
 def lookup(registry: Mapping[str, T], name: str, what: str) -> T:
     """registry[name], or a ValueError that names `what`, the bad value and every valid name."""
-    if name not in registry:
-        raise ValueError(f"{what}={name!r} is not valid{did_you_mean(name, registry)}; choose one of: {', '.join(registry)}")
+    check(name, registry, what)
     return registry[name]
+
+
+def check(name: object, valid: Collection[str], what: str) -> None:
+    """A ValueError that names `what`, the bad value and every valid name, unless `name` is one of `valid`."""
+    if name not in valid:
+        raise ValueError(f"{what}={name!r} is not valid{did_you_mean(name, valid)}; choose one of: {', '.join(valid)}")
 
 
 def did_you_mean(name: object, valid: Iterable[str]) -> str:

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
-from minsnr import checkpoint as ck
-from minsnr.config import Config, ConfigError, to_dict
-from minsnr.data import Batches
+import minsnr.checkpoint as ck
+from minsnr.config import Config, ConfigError
+from minsnr.loss import TrainingLoss
 
 Say = Callable[[str], None]
 
@@ -130,46 +128,16 @@ def clean_temporaries(run_dir: Path, say: Say) -> None:
         say(f"removed {len(stale)} temporary file(s) left by interrupted saves in {run_dir}: {names}")
 
 
-def restore(found: Found, cfg: Config, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-            batches: Batches, rank: int, adaptive: nn.Module | None = None) -> int:
-    """Load model, EMA, optimiser, data position, RNG streams and the state of a stateful loss weighting
-    (`adaptive`, minsnr.adaptive) strictly; returns the step."""
-    path, state = found.path, found.state
-    stored = state["config"].get("model")
-    if stored != to_dict(cfg)["model"]:
-        raise ck.CheckpointError(f"{path} was trained with model {stored}, but this config says "
-                                 f"{to_dict(cfg)['model']}; use another run_dir or the same model section")
-    ck.strict_load(model, state["model"], f"{path} (model)")
-    ck.strict_load(ema, state["ema"], f"{path} (ema)")
-    has = "loss_weighting" in state
-    if (adaptive is not None) != has:
-        raise ck.CheckpointError(f"{path} was trained {'with' if has else 'without'} a stateful loss weighting, "
-                                 f"but loss.weighting={cfg.loss.weighting}; resume with the weighting it was "
-                                 "trained with, or use another run_dir")
-    if adaptive is not None:
-        ck.strict_load(adaptive, state["loss_weighting"], f"{path} (loss_weighting)")
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as err:
-        raise ck.CheckpointError(f"{path}: optimiser state does not fit: {err}") from None
-    batches.load_state_dict(state["data"])
-    ck.set_rng_state(state["rng"])
-    if rank < len(state["rng_ranks"]):  # each rank's own torch stream (dropout)
-        torch.set_rng_state(state["rng_ranks"][rank])
-    return int(state["step"])
-
-
-def repair_export(run_dir: Path, ema: nn.Module, cfg: Config, step: int, class_names: Sequence[str], say: Say,
-                  adaptive: nn.Module | None = None) -> None:
+def repair_export(run_dir: Path, ema: nn.Module, loss: TrainingLoss, cfg: Config, step: int,
+                  class_names: Sequence[str], say: Say) -> None:
     """Rewrite ema.safetensors (and loss_weight.safetensors for a stateful weighting) when missing, unreadable
     or behind the checkpoint resumed from (a kill during the last export leaves the previous one, and a run
     already at its last step saves no more)."""
-    files = [(ck.EMA_EXPORT, "EMA weights", lambda p: ck.export_safetensors(p, ema.state_dict(), cfg, step,
-                                                                                class_names))]
-    if adaptive is not None:
-        files.append((ck.LOSS_WEIGHT_EXPORT, "loss weighting state",
-                      lambda p: export_loss_weighting(run_dir, adaptive.state_dict(), cfg, step, class_names)))
-    for name, what, write in files:
+    files = [(ck.EMA_EXPORT, "EMA weights", ema.state_dict())]
+    exported = loss.export_tensors()
+    if exported is not None:
+        files.append((ck.LOSS_WEIGHT_EXPORT, "loss weighting state", exported))
+    for name, what, tensors in files:
         path = run_dir / name
         have = ck.export_step(path)
         if have is not None and have >= step:
@@ -177,7 +145,7 @@ def repair_export(run_dir: Path, ema: nn.Module, cfg: Config, step: int, class_n
                 say(f"{path} holds step {have}, past the checkpoint at step {step}; the next save replaces it")
             continue
         why = "is missing" if not path.exists() else f"holds step {have}" if have is not None else "has no readable step"
-        write(path)
+        ck.export_safetensors(path, tensors, cfg, step, class_names)
         say(f"{path} {why}; rewrote it with the {what} of step {step}")
 
 
@@ -189,32 +157,6 @@ def repair_latest(ckpt_dir: Path, path: Path, say: Say) -> None:
         return
     ck.link_latest(ckpt_dir, path)
     say(f"{latest} was behind; it now points at {path.name}")
-
-
-def training_state(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int, cfg: Config,
-                   batches: Batches, class_names: Sequence[str], world: int,
-                   adaptive: nn.Module | None = None) -> dict[str, Any]:
-    """Everything an exact resume needs (collective under DDP: every rank gathers the RNG streams)."""
-    rng = ck.rng_state()
-    ranks = [rng["torch"]]
-    if world > 1:
-        ranks = [torch.empty_like(rng["torch"]) for _ in range(world)]
-        dist.all_gather_object(ranks, rng["torch"])  # type: ignore[arg-type]
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "step": step, "config": ck.identity_config(cfg), "rng": rng, "rng_ranks": ranks,
-             "data": batches.state_dict(), "class_names": list(class_names), "version": ck.VERSION}
-    if adaptive is not None:  # learned u(t) or the Pareto weights: not part of the EMA (docs/math.md)
-        state["loss_weighting"] = {k: v.detach().clone() for k, v in adaptive.state_dict().items()}
-    return state
-
-
-
-def export_loss_weighting(run_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, step: int,
-                          class_names: Sequence[str]) -> None:
-    """The stateful weighting's state (learned u(t), Pareto weights) in its own safetensors file, so that
-    ema.safetensors stays the model alone and `load_model` / `minsnr sample` read it unchanged."""
-    ck.export_safetensors(run_dir / ck.LOSS_WEIGHT_EXPORT, {f"loss_weight.{k}": v for k, v in weights.items()},
-                          cfg, step, class_names)
 
 
 def prune(ckpt_dir: Path, keep: int, newest: Path, step: int, say: Say) -> None:
@@ -238,19 +180,20 @@ def prune(ckpt_dir: Path, keep: int, newest: Path, step: int, say: Say) -> None:
         path.unlink(missing_ok=True)
 
 
-def save(state: dict[str, Any], ema: nn.Module, cfg: Config, run_dir: Path, say: Say) -> Path:
-    """Install the checkpoint of state["step"] (rank 0 only): step file, latest.pt, EMA export, prune."""
+def save(state: dict[str, Any], ema: nn.Module, loss: TrainingLoss, cfg: Config, run_dir: Path, say: Say) -> Path:
+    """Install the checkpoint of state["step"] (rank 0 only): step file, latest.pt, the exports (EMA weights,
+    the loss weighting's state, minsnr.loss), prune."""
     ckpt_dir, step = run_dir / "checkpoints", int(state["step"])
     path = ck.step_path(ckpt_dir, step)
     ck.save_checkpoint(path, state)
     ck.link_latest(ckpt_dir, path)
     ck.export_safetensors(run_dir / ck.EMA_EXPORT, ema.state_dict(), cfg, step, state["class_names"])
-    if "loss_weighting" in state:
-        export_loss_weighting(run_dir, state["loss_weighting"], cfg, step, state["class_names"])
+    exported = loss.export_tensors()
+    if exported is not None:
+        ck.export_safetensors(run_dir / ck.LOSS_WEIGHT_EXPORT, exported, cfg, step, state["class_names"])
     prune(ckpt_dir, cfg.checkpoint.keep, path, step, say)
     return path
 
 
 __all__ = ["Found", "newest_checkpoint", "last_good", "describe_last_good", "find_checkpoint", "clean_temporaries",
-           "restore", "repair_export", "repair_latest", "training_state", "prune", "save",
-           "export_loss_weighting"]
+           "repair_export", "repair_latest", "prune", "save"]

@@ -1,6 +1,6 @@
 """The training loop: AdamW with warm-up, EMA, bf16, compile, DDP, exact resume (section 4.1).
 
-Each step minimises the weighted denoising loss of eq. 5 with the weight of section 3.4 (`objective`),
+Each step minimises the weighted denoising loss of eq. 5 with the weight of section 3.4 (`minsnr.loss`),
 over timesteps drawn from the configured distribution (uniform over {0..T-1} by default, as the paper).
 One optimiser step consumes train.grad_accum micro-batches of train.batch_size per rank. The step's
 timesteps, noise and label-dropout draws come from a generator seeded by (seed, step, micro-step) and
@@ -25,21 +25,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from minsnr import checkpoint as ck
-from minsnr import resume
-from minsnr.adaptive import ParetoWeight, average_gradients, make_adaptive
-from minsnr.config import Config, ConfigError, dump_yaml, with_model_args
-from minsnr.data import build_dataset
-from minsnr.data.device import make_batches
-from minsnr.distributed import CPU_ATTENTION, setup
-from minsnr.ema import ema_copy, ema_decay, update_ema
-from minsnr.models import build_model
-from minsnr.objective import diffusion_loss, drop_labels
+import minsnr.checkpoint as ck
+import minsnr.resume as resume
+from minsnr.config import Config, dump_yaml
+from minsnr.ema import ema_decay, update_ema
+from minsnr.objective import drop_labels
+from minsnr.run import Run, build_run
 from minsnr.runlog import BinStats, MetricsLog
-from minsnr.schedule import Schedule, make_schedule
+from minsnr.schedule import Schedule
 from minsnr.seeds import derive_seed
-from minsnr.step import StaticStep, attention, configure_threads, keep_run_settings, plan_step, set_lr
-from minsnr.timesteps import make_timesteps
+from minsnr.state import TrainState
+from minsnr.step import StaticStep, attention, set_lr
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,120 +71,62 @@ class Hook:
     fn: Callable[[HookContext], Optional[dict[str, float]]]
 
 
-def check_data_fits(cfg: Config, dataset: Any) -> None:
-    """The model must take the data's image shape and have exactly one class row per data class (or none).
-    More rows than classes is refused, not warned about: nothing in minsnr trains the extra rows (a resumed
-    run keeps its data), yet sampling and evaluation would draw labels from them."""
-    m = cfg.model
-    want = (m.in_channels, m.input_size, m.input_size)
-    if tuple(dataset.shape) != want:
-        raise ConfigError(f"data gives images of shape {tuple(dataset.shape)} (C, H, W) but the model expects {want}; "
-                          f"set model.in_channels/model.input_size (or data.resolution)")
-    if m.num_classes > 0 and dataset.num_classes == 0:
-        raise ConfigError(f"model.num_classes={m.num_classes} but the data has no labels; set model.num_classes=0")
-    if m.num_classes > 0 and dataset.num_classes != m.num_classes:
-        names = ", ".join(dataset.class_names[:10]) + (" ..." if len(dataset.class_names) > 10 else "")
-        unused = (f"; {m.num_classes - dataset.num_classes} class rows would never be trained, yet sampling would draw "
-                  "them" if m.num_classes > dataset.num_classes else "")
-        raise ConfigError(f"data has {dataset.num_classes} classes ({names}) but model.num_classes={m.num_classes}"
-                          f"{unused}; set model.num_classes={dataset.num_classes}")
-
-
 class Trainer:
-    """`Trainer(cfg, hooks).run()`: builds data, model, EMA and AdamW from cfg, resumes, then loops
-    `train_step` with logging, hooks and checkpoints until train.steps."""
+    """`Trainer(build_run(cfg), hooks).run()`: resume, then loop `train_step` with logging, hooks and checkpoints
+    until train.steps. The parts come from minsnr.run; what a checkpoint holds is minsnr.state."""
 
-    def __init__(self, cfg: Config, hooks: tuple[Hook, ...] = ()):
-        self.cfg = cfg = with_model_args(cfg)
-        self.hooks = hooks
-        d = setup(cfg.train.device)
-        self.rank, self.world, self.device = d.rank, d.world, d.device
-        self._configure_backend()
+    def __init__(self, parts: Run | Config, hooks: tuple[Hook, ...] = ()):
+        parts = build_run(parts) if isinstance(parts, Config) else parts
+        self.parts, self.hooks = parts, hooks
+        self.cfg = cfg = parts.cfg
+        self.rank, self.world, self.device = parts.rank, parts.world, parts.device
+        self.model, self.ema, self.opt, self.loss = parts.model, parts.ema, parts.opt, parts.loss
+        self.dataset, self.batches, self.schedule = parts.dataset, parts.batches, parts.schedule
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.dataset = build_dataset(cfg.data)
-        check_data_fits(cfg, self.dataset)
-        self.schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(self.device)
-        loss = cfg.loss  # the distribution of t (uniform in the paper) and its weight correction, built once
-        self.timesteps = make_timesteps(loss.timesteps, self.schedule, loss.weighting, loss.gamma, loss.target)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and EMA copy)
-        self.model = build_model(cfg.model).to(self.device)
-        self.ema = ema_copy(self.model)
-        self.adaptive = make_adaptive(loss.weighting, self.schedule)  # learned / pareto state (minsnr.adaptive)
-        torch.manual_seed(cfg.train.seed + self.rank)  # each rank its own stream for dropout
-        t = cfg.train
-        static, capture, step_note = plan_step(self.device.type, self.world, t.grad_accum, t.cuda_graph, t.compile,
-                                               t.compile_mode)
-        self.opt = self._optimizer(capturable=capture)
-        self.batches, data_note = make_batches(self.dataset, t.batch_size, seed=t.seed, rank=self.rank,
-                                               world_size=self.world, device=self.device,
-                                               num_workers=cfg.data.num_workers, setting=t.data_on_device)
-        self.step = 0
+        self.state = TrainState(cfg, self.model, self.ema, self.opt, self.loss, self.batches, self.dataset.class_names,
+                                self.rank, self.world)
         self._resume()
         self.ddp = self._wrap_ddp(self.model)
-        self.net = torch.compile(self.ddp, mode=t.compile_mode) if t.compile else self.ddp
+        self.net = torch.compile(self.ddp, mode=cfg.train.compile_mode) if cfg.train.compile else self.ddp
         self.gen = torch.Generator(device=self.device)  # reseeded from (seed, step, micro) every micro-step
         self.stats = BinStats(cfg.schedule.num_timesteps, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.done = torch.full((), self.step, dtype=torch.long, device=self.device)  # steps taken, for the flag
         self.ema_weight = torch.zeros((), device=self.device)  # 1 - EMA decay of the coming step
-        self.static = StaticStep(self._static_body, self._zero_grad, capture=capture, device=self.device,
-                                 log=self._print) if static else None
-        self._print(f"speed: {data_note}; {step_note}; {self.threads_note}")
-        if self.adaptive is not None and loss.gamma is not None:
-            self._print(f"note: loss.gamma={loss.gamma} does not apply to loss.weighting={loss.weighting}; it is unused")
+        self.static = StaticStep(self._static_body, self._zero_grad, capture=parts.capture, device=self.device,
+                                 log=self._print) if parts.static else None
+        for note in parts.notes:
+            self._print(note)
         self.stop_requested = False
 
-    # ---- set-up ---------------------------------------------------------------------------------
-    def _configure_backend(self) -> None:
-        prec = self.cfg.train.precision
-        self.bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.threads_note = configure_threads(self.cfg.train.threads, self.device.type)
-        if self.device.type != "cuda" and self.cfg.train.attention not in CPU_ATTENTION:
-            raise ConfigError(f"train.attention={self.cfg.train.attention} needs a CUDA device; on the CPU use one "
-                              f"of {', '.join(CPU_ATTENTION)}")
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-    def _optimizer(self, capturable: bool) -> torch.optim.Optimizer:
-        """AdamW (section 4.1): fused on CUDA with the learning rate in a device tensor (capturable when the
-        step is captured), foreach on the CPU; checkpoints stay portable between the two (`keep_run_settings`)."""
-        o, cuda = self.cfg.optim, self.device.type == "cuda"
-        lr = torch.tensor(o.lr, device=self.device) if cuda else o.lr
-        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
-        if self.adaptive is not None and any(True for _ in self.adaptive.parameters()):  # learned u(t): no decay
-            groups.append({"params": list(self.adaptive.parameters()), "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas),  # type: ignore[arg-type]
-                                eps=o.eps, weight_decay=o.weight_decay, fused=cuda, foreach=not cuda,
-                                capturable=capturable)
-        keep_run_settings(opt)
-        return opt
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
             return model
         return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    # ---- resume (minsnr.resume) -----------------------------------------------------------------
+    # ---- resume (minsnr.resume finds the file, minsnr.state loads it) ---------------------------------
     def _resume(self) -> None:
         found = resume.find_checkpoint(self.cfg, self.ckpt_dir, self._print)
         if self.rank == 0:
             resume.clean_temporaries(self.run_dir, self._print)
         if found is None:
             return
-        self.step = resume.restore(found, self.cfg, self.model, self.ema, self.opt, self.batches, self.rank,
-                                   self.adaptive)
+        self.state.load_state_dict(found.state, found.path)
         if self.rank == 0 and self.cfg.resume == "auto":
             resume.repair_latest(self.ckpt_dir, found.path, self._print)
         if self.rank == 0:
-            resume.repair_export(self.run_dir, self.ema, self.cfg, self.step, self.dataset.class_names, self._print,
-                                 self.adaptive)
+            resume.repair_export(self.run_dir, self.ema, self.loss, self.cfg, self.step, self.dataset.class_names,
+                                 self._print)
         self._print(f"resumed from {found.path} at step {self.step}")
-
-    def _state(self) -> dict[str, Any]:
-        return resume.training_state(self.model, self.ema, self.opt, self.step, self.cfg, self.batches,
-                                     self.dataset.class_names, self.world, self.adaptive)
 
     # ---- one optimiser step ---------------------------------------------------------------------
     def _lr(self) -> float:
@@ -200,8 +138,7 @@ class Trainer:
         3.4), gradient clipping, AdamW, then the EMA update. No host sync. With one process and
         grad_accum 1, the static step (`minsnr.step`) runs the same body on static buffers."""
         cfg, accum = self.cfg, self.cfg.train.grad_accum
-        if isinstance(self.adaptive, ParetoWeight) and self.step > 0 and self.step % cfg.loss.adapt_every == 0:
-            self.adaptive.adapt(self.model, self.schedule, cfg.loss.target, self.dataset, cfg.train.seed)  # eq. 11
+        self.loss.adapt(self.step, self.model, self.dataset, cfg.train.seed)  # pareto: eq. 11 every loss.adapt_every
         set_lr(self.opt, self._lr())
         self.ema_weight.fill_(1.0 - ema_decay(cfg.ema.decay, cfg.ema.warmup, self.step + 1))
         if self.static is not None:
@@ -220,12 +157,9 @@ class Trainer:
     def _forward_backward(self, x: Tensor, y: Optional[Tensor], t: Tensor, noise: Tensor, accum: int,
                           cache: bool = True) -> None:
         """Backward of one micro-batch's weighted loss / accum; bin statistics and the non-finite flag."""
-        cfg = self.cfg
-        with attention(cfg.train.attention), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
-                                                            cache_enabled=cache):
-            out = diffusion_loss(self.net, x, y, self.schedule, target=cfg.loss.target, weighting=cfg.loss.weighting,
-                                 gamma=cfg.loss.gamma, t=t, noise=noise, timesteps=self.timesteps,
-                                 adaptive=self.adaptive)
+        with attention(self.cfg.train.attention), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                                 enabled=self.parts.bf16, cache_enabled=cache):
+            out = self.loss(self.net, x, y, t=t, noise=noise)
             (out.loss / accum).backward()
         self.stats.add(out.t, out.mse_x0, out.loss)
         self._flag_nonfinite(out.loss)
@@ -233,8 +167,7 @@ class Trainer:
     def _update(self) -> Tensor:
         """Clipping, AdamW and the EMA update (weight `ema_weight`); returns the gradient norm before clipping."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.adaptive is not None and self.world > 1:
-            average_gradients(self.adaptive, self.world)  # u(t) is outside DDP
+        self.loss.average_gradients(self.world)  # learned u(t) is outside DDP
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self._flag_nonfinite(grad_norm)
         self.opt.step()
@@ -260,7 +193,7 @@ class Trainer:
         x, labels = x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         n = x.shape[0] * world
         self.gen.manual_seed(derive_seed(cfg.train.seed, self.step, micro))
-        t = self.timesteps.draw(n, self.gen)[rank::world]
+        t = self.loss.timesteps.draw(n, self.gen)[rank::world]
         noise = torch.randn((n, *x.shape[1:]), device=self.device, generator=self.gen)[rank::world]
         u = torch.rand(n, device=self.device, generator=self.gen)[rank::world]
         y = drop_labels(labels, cfg.loss.label_dropout, cfg.model.num_classes, uniform=u) if cfg.model.num_classes > 0 else None
@@ -288,9 +221,9 @@ class Trainer:
 
     def save(self) -> Path:
         self.check_finite()
-        state = self._state()  # collective under DDP: every rank takes part
+        state = self.state.state_dict()  # collective under DDP: every rank takes part
         if self.rank == 0:
-            resume.save(state, self.ema, self.cfg, self.run_dir, self._print)
+            resume.save(state, self.ema, self.loss, self.cfg, self.run_dir, self._print)
         self.saved_step = self.step
         return ck.step_path(self.ckpt_dir, self.step)
 
@@ -300,8 +233,7 @@ class Trainer:
         metrics = self.stats.read_and_reset()
         metrics.update(lr=self._lr(), grad_norm=float(self.grad_norm), epoch=self.batches.epoch,
                        bad_images=len(self.batches.bad_files), img_per_s=img_per_s)
-        if self.adaptive is not None:
-            metrics.update(self.adaptive.metrics())
+        metrics.update(self.loss.metrics())
         return metrics
 
     def _run_hooks(self, final: bool) -> dict[str, float]:
@@ -381,4 +313,5 @@ class Trainer:
 
 
 def train(cfg: Config, hooks: tuple[Hook, ...] = ()) -> dict[str, Any]:
-    return Trainer(cfg, hooks).run()
+    """Build the run's parts from `cfg` (minsnr.run) and train it (resuming as cfg.resume says)."""
+    return Trainer(build_run(cfg), hooks).run()

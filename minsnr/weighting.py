@@ -33,7 +33,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from minsnr.registry import did_you_mean
+from minsnr.registry import check, did_you_mean
 
 SNR_FLOOR = 1e-10
 SNR_CEIL = 1e10
@@ -91,8 +91,7 @@ def _prepare(snr: Tensor) -> Tensor:
 
 
 def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None, target: str) -> Tensor:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; valid names: {', '.join(TARGETS)}")
+    check(target, TARGETS, "target")
     if callable(strategy):
         return strategy(snr).to(snr.dtype)
     if strategy in ADAPTIVE:

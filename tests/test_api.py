@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = {
     "minsnr.schedule": ["make_schedule", "Schedule"],
     "minsnr.weighting": ["loss_weight", "x0_weight"],
-    "minsnr.objective": ["diffusion_loss", "q_sample", "predict_x0", "predict_eps", "convert", "drop_labels"],
+    "minsnr.loss": ["diffusion_loss", "TrainingLoss"],
+    "minsnr.objective": ["q_sample", "predict_x0", "predict_eps", "convert", "drop_labels"],
     "minsnr.sampling": ["karras_sigmas", "sample_heun", "sample_euler", "sample_ddim", "generate", "VPDenoiser",
                         "CFGDenoiser"],
     "minsnr.models": ["create_model", "MODELS"],

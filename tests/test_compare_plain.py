@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minsnr.config import ConfigError, load_config
-from minsnr.objective import diffusion_loss
+from minsnr.loss import diffusion_loss
 from minsnr.schedule import make_schedule
 from minsnr.weighting import TARGETS, loss_weight, x0_weight
 

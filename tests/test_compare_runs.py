@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import minsnr.checkpoint as ck
-import minsnr.train as trainer_module
+import minsnr.run as run_module
 import minsnr.data.loader as loader
 import minsnr.evaluate.periodic as periodic
 from minsnr.compare import cli, worker
@@ -48,7 +48,7 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
     rec: dict[str, dict] = {}
     current = {"run": ""}
 
-    real_build = trainer_module.build_model
+    real_build = run_module.build_model
 
     def build(cfg):
         model = real_build(cfg)
@@ -76,7 +76,7 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
         rec[current["run"]]["sampler"].append((None if labels is None else labels.tolist(), num, seed))
         return real_sample(model, cfg, labels, num, seed, **kw)
 
-    monkeypatch.setattr(trainer_module, "build_model", build)
+    monkeypatch.setattr(run_module, "build_model", build)
     monkeypatch.setattr(loader.Batches, "__next__", next_batch)
     monkeypatch.setattr(periodic, "sample_images", sample)
     for spec in specs:

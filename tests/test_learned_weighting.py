@@ -16,7 +16,7 @@ from torch import nn
 from minsnr.adaptive import LearnedWeight, make_adaptive
 from minsnr.checkpoint import CheckpointError, load_checkpoint, load_model
 from minsnr.config import ConfigError, load_config
-from minsnr.objective import diffusion_loss
+from minsnr.loss import diffusion_loss
 from minsnr.schedule import make_schedule
 from minsnr.train import train
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from minsnr.objective import convert, diffusion_loss, drop_labels, make_target, predict_eps, predict_x0
+from minsnr.loss import diffusion_loss
+from minsnr.objective import convert, drop_labels, make_target, predict_eps, predict_x0
 from minsnr.schedule import make_schedule
 from minsnr.weighting import STRATEGIES, TARGETS, loss_weight
 

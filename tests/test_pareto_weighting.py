@@ -104,7 +104,7 @@ def test_static_step_is_bit_identical_to_the_general_step(tmp_path, weighting):
         static.train_step()
         general.train_step()
         assert_same_state(static, general)
-        for (name, x), (_, y) in zip(static.adaptive.state_dict().items(), general.adaptive.state_dict().items()):
+        for (name, x), (_, y) in zip(static.loss.adaptive.state_dict().items(), general.loss.adaptive.state_dict().items()):
             assert torch.equal(x, y), name
 
 

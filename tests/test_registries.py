@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import minsnr.train as train_mod
-from minsnr import objective, sampling, schedule, timesteps
+from minsnr import sampling, schedule, timesteps
+from minsnr.loss import TrainingLoss, diffusion_loss
 from minsnr.config import ConfigError, load_config
 from minsnr.data import SOURCES, ArrayDataset, build_dataset
 from minsnr.train import train
@@ -25,17 +25,18 @@ def test_a_new_timestep_distribution_is_one_registry_entry(tmp_path, monkeypatch
         load_config(ROOT / "configs" / "quickstart.yaml", ["loss.timesteps=seven"])
     monkeypatch.setitem(timesteps.TIMESTEPS, "seven", only_seven)
     seen = []
-    real = train_mod.diffusion_loss
+    real = TrainingLoss.__call__
 
-    def spy(*args, **kwargs):
+    def spy(*args, **kwargs):  # the trainer's calls: it draws t itself, from the loss's distribution
         seen.append(kwargs["t"].clone())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", spy)
+    monkeypatch.setattr(TrainingLoss, "__call__", spy)
     train(load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, "loss.timesteps=seven", f"run_dir={tmp_path}"]))
     assert len(seen) == 2 and all(torch.equal(t, torch.full((8,), 7)) for t in seen)
+    monkeypatch.setattr(TrainingLoss, "__call__", real)
     # and diffusion_loss on its own draws from the same registry
-    out = objective.diffusion_loss(lambda x, t, y: x, torch.zeros(3, 1, 2, 2), None,
+    out = diffusion_loss(lambda x, t, y: x, torch.zeros(3, 1, 2, 2), None,
                                    schedule.make_schedule("cosine"), timesteps="seven")
     assert torch.equal(out.t, torch.full((3,), 7))
 

@@ -193,10 +193,10 @@ def test_resume_across_step_and_data_paths_is_bit_exact(tmp_path):
 
 
 def test_nan_is_named_by_its_step_on_the_static_path(tmp_path, monkeypatch):
-    import minsnr.train as train_mod
+    from minsnr.loss import TrainingLoss
 
     t = trainer(tmp_path)
-    real, calls = train_mod.diffusion_loss, {"n": 0}
+    real, calls = TrainingLoss.__call__, {"n": 0}
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -205,7 +205,7 @@ def test_nan_is_named_by_its_step_on_the_static_path(tmp_path, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    monkeypatch.setattr(TrainingLoss, "__call__", poisoned)
     for _ in range(6):
         t.train_step()
     assert int(t.first_bad) == 3

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from minsnr.objective import diffusion_loss
+from minsnr.loss import diffusion_loss
 from minsnr.schedule import make_schedule
 from minsnr.timesteps import TIMESTEPS, make_timesteps
 from minsnr.weighting import loss_weight

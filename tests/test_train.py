@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import minsnr.train as train_mod
+from minsnr.loss import TrainingLoss
 from minsnr.checkpoint import load_checkpoint
 from minsnr.config import load_config
 from minsnr.launch import main as train_main
@@ -97,7 +98,7 @@ def test_sigkill_then_resume(tmp_path):
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train_mod.diffusion_loss
+    real = TrainingLoss.__call__
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -107,7 +108,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    monkeypatch.setattr(TrainingLoss, "__call__", poisoned)
     with pytest.raises(NonFiniteLoss, match="at step 5"):
         train(tiny_cfg(tmp_path, "train.steps=10", "log.every=1"))
     state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")

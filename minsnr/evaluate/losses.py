@@ -27,7 +27,7 @@ from minsnr.config import Config
 from minsnr.distributed import resolve_device
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice, run_verb
 from minsnr.extras import require
-from minsnr.objective import diffusion_loss
+from minsnr.loss import diffusion_loss
 from minsnr.schedule import make_schedule
 from minsnr.seeds import derive_seed
 from minsnr.timesteps import bins as timestep_bins

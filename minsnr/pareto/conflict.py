@@ -23,7 +23,8 @@ from minsnr.checkpoint import CheckpointError
 from minsnr.config import ConfigError
 from minsnr.data import Batches
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice
-from minsnr.objective import diffusion_loss, drop_labels
+from minsnr.loss import diffusion_loss
+from minsnr.objective import drop_labels
 from minsnr.data import labels_for
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
 from minsnr.gram import Range, TaskBatch, make_task_batch, task_losses
