@@ -148,8 +148,9 @@ def generate(model: nn.Module, schedule: Schedule, target: str, labels: Tensor |
              shape: tuple[int, ...], sampler: str = DEFAULT_SAMPLER, steps: int = 30, cfg_scale: float = 1.0,
              num_classes: int = 0, generator: torch.Generator | None = None, sigma_max: float | None = None,
              device: torch.device | str | None = None, progress: bool = False,
-             round_timesteps: bool = False) -> Tensor:
+             round_timesteps: bool = False, noise: Tensor | None = None) -> Tensor:
     """shape[0] samples in model space (pixels in [-1, 1] or scaled latents), float32 [N, ...] on `device`.
+    The starting noise is `noise` (standard normal, `shape`) when given, else drawn from `generator`.
 
     Karras sigmas (rho 7) run from `sigma_max` down to the schedule's sigma_ve_min. `sigma_max` None
     starts at the schedule's sigma_ve_max; a larger value is capped there (with a warning, once), as
@@ -164,7 +165,9 @@ def generate(model: nn.Module, schedule: Schedule, target: str, labels: Tensor |
     elif sigma_max is not None:
         top = sigma_max
     sigmas = karras_sigmas(steps, schedule.sigma_ve_min, top)
-    x = torch.randn(shape, generator=generator, device=device) * sigmas[0].item()
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device)
+    x = noise.to(device=device, dtype=torch.float32) * sigmas[0].item()
     denoiser: Denoiser = VPDenoiser(model, schedule, target, round_timesteps)
     if num_classes > 0 and labels is not None and cfg_scale != 1.0:
         denoiser = CFGDenoiser(denoiser, cfg_scale, null_label=num_classes)

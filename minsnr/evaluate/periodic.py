@@ -25,7 +25,7 @@ from minsnr.evaluate.classifier import classifier_paths, feature_fn, fid_cls, lo
 from minsnr.evaluate.fid import cached_stats, compute_stats, file_tag, inception_fn, load_inception
 from minsnr.evaluate.frechet import frechet_distance
 from minsnr.evaluate.images import to_uint8
-from minsnr.evaluate.sample import balanced_labels, chunk_seed, sample_images
+from minsnr.evaluate.sample import balanced_labels, sample_images
 from minsnr.extras import require
 
 MAX_REFERENCE = 50_000
@@ -44,9 +44,9 @@ def draw_samples(model: nn.Module, cfg: Config, num: int, device: torch.device,
     k = cfg.model.num_classes
     labels = balanced_labels(num, k, cfg.train.seed) if k > 0 else None
     batches = []
-    for i, lo in enumerate(range(0, num, batch_size)):
+    for lo in range(0, num, batch_size):
         y = None if labels is None else labels[lo:lo + batch_size]
-        batches.append(sample_images(model, cfg, y, min(batch_size, num - lo), chunk_seed(cfg.train.seed, i),
+        batches.append(sample_images(model, cfg, y, min(batch_size, num - lo), cfg.train.seed, first=lo,
                                      device=device))
     return batches, labels
 

@@ -6,9 +6,9 @@ Output: ADM's format, `arr_0` uint8 [N, H, W, C] and, for class-conditional mode
 by --seed, and cover the classes of the training data (the checkpoint's class_names; an old checkpoint
 may have more class rows than its data had classes). --grid lays samples out one row per class.
 
-Work is split into chunks of --batch images, chunk i drawn with noise seeded by (seed, i) and written to
-OUT.chunks/; a rerun after an interruption skips the finished chunks and gives exactly the output of an
-uninterrupted run. Under torchrun, rank r draws chunks r, r + world, ...; rank 0 assembles
+Image j starts from noise seeded by (seed, j), so --batch, the number of ranks and resuming never change
+which images are drawn. Work is split into chunks of --batch images written to OUT.chunks/; a rerun after
+an interruption skips the finished chunks and gives exactly the output of an uninterrupted run. Under torchrun, rank r draws chunks r, r + world, ...; rank 0 assembles
 OUT and removes the chunk folder. Latent models (data.source=latent) are decoded through the VAE named
 in the latent folder's meta.json (--latents DIR if the training path is not on this machine).
 
@@ -46,8 +46,11 @@ def balanced_labels(num: int, num_classes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.arange(num) % num_classes).astype(np.int64)
 
 
-def chunk_seed(seed: int, index: int) -> int:
-    return derive_seed(seed, index)
+def image_noise(seed: int, first: int, num: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of images first .. first + num - 1, float32 [num, *shape] on the CPU: image j's from
+    torch.Generator(derive_seed(seed, j)), so batching, ranks and resuming never change which image is drawn."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, j)))
+                        for j in range(first, first + num)])
 
 
 def trained_class_names(checkpoint: str | Path) -> list[str]:
@@ -89,16 +92,17 @@ def latent_decoder(cfg: Config, device: torch.device, latents: str | None = None
 
 def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num: int, seed: int, *,
                   device: torch.device, decode: Decode | None = None, sampler: str | None = None,
-                  steps: int | None = None, cfg_scale: float | None = None) -> np.ndarray:
-    """`num` uint8 [N, H, W, C] images from `model` with the noise of torch.Generator(seed); sampler
-    settings default to cfg.sample."""
+                  steps: int | None = None, cfg_scale: float | None = None, first: int = 0) -> np.ndarray:
+    """`num` uint8 [N, H, W, C] images from `model`: images first .. first + num - 1 of the sequence that
+    `seed` defines (`image_noise`); sampler settings default to cfg.sample."""
     m, s = cfg.model, cfg.sample
-    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (m.in_channels, m.input_size, m.input_size)
     y = None if labels is None else torch.as_tensor(labels, device=device)
     x = generate(model, make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps), cfg.loss.target, y,
-                 shape=(num, m.in_channels, m.input_size, m.input_size), sampler=sampler or s.sampler,
+                 shape=(num, *shape), sampler=sampler or s.sampler,
                  steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-                 num_classes=m.num_classes, generator=gen, sigma_max=s.sigma_max, device=device)
+                 num_classes=m.num_classes, sigma_max=s.sigma_max, device=device,
+                 noise=image_noise(seed, first, num, shape))
     return to_uint8(decode(x) if decode is not None else x)
 
 
@@ -138,8 +142,8 @@ def run(args: argparse.Namespace) -> Path | None:
     for i in tqdm(todo, disable=rank != 0, desc=f"sampling {args.num} images", unit="chunk"):
         lo, hi = i * args.batch, min(args.num, (i + 1) * args.batch)
         y = None if labels is None else labels[lo:hi]
-        images = sample_images(model, cfg, y, hi - lo, chunk_seed(args.seed, i), device=device, decode=decode,
-                               sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale)
+        images = sample_images(model, cfg, y, hi - lo, args.seed, device=device, decode=decode,
+                               sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, first=lo)
         tmp = folder / f"{i:06d}.tmp.npz"
         np.savez(tmp, images=images)
         tmp.replace(folder / f"{i:06d}.npz")
