@@ -28,13 +28,19 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def main(run: Path) -> str:
     state = torch.load(run / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
-    opt = {f"{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()
-           if isinstance(v, torch.Tensor)}
+    opt = {
+        f"{i}.{k}": v
+        for i, s in state["optimizer"]["state"].items()
+        for k, v in s.items()
+        if isinstance(v, torch.Tensor)
+    }
     with safe_open(str(run / "ema.safetensors"), framework="pt") as f:
         export = {k: f.get_tensor(k) for k in f.keys()}
         export_step = (f.metadata() or {}).get("step", "-")
-    return (f"step={state['step']} data={state['data']} model={digest(state['model'])} ema={digest(state['ema'])} "
-            f"opt={digest(opt)} export={digest(export)} export_step={export_step}")
+    return (
+        f"step={state['step']} data={state['data']} model={digest(state['model'])} ema={digest(state['ema'])} "
+        f"opt={digest(opt)} export={digest(export)} export_step={export_step}"
+    )
 
 
 if __name__ == "__main__":

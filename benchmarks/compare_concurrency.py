@@ -43,25 +43,50 @@ def main() -> None:
     p.add_argument("--out", default="compare_concurrency")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="compare_concurrency_"))
-    common = [f"train.steps={a.steps}", f"log.eval_every={a.steps}", "log.eval_num=100", "log.every=50",
-              f"checkpoint.every={a.steps}", "log.preview_every=0", f"train.device={a.device}"]
+    common = [
+        f"train.steps={a.steps}",
+        f"log.eval_every={a.steps}",
+        "log.eval_num=100",
+        "log.every=50",
+        f"checkpoint.every={a.steps}",
+        "log.preview_every=0",
+        f"train.device={a.device}",
+    ]
     # one classifier for every scenario, trained once (not part of any timing)
-    subprocess.run([sys.executable, "-m", "minsnr", "train-classifier", "digits", "--out", str(work / "clf"),
-                    "--epochs", "2"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "minsnr", "train-classifier", "digits", "--out", str(work / "clf"), "--epochs", "2"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     results = {}
     for name in a.scenarios.split(","):
         load_before = os.getloadavg()
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "minsnr", "compare", "cpu", *common, f"run_dir={work / name}",
-               "--classifier", str(work / "clf"), "--bin-images", "100", *SCENARIOS[name]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "minsnr",
+            "compare",
+            "cpu",
+            *common,
+            f"run_dir={work / name}",
+            "--classifier",
+            str(work / "clf"),
+            "--bin-images",
+            "100",
+            *SCENARIOS[name],
+        ]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if res.returncode != 0:
             raise SystemExit(f"{name} failed:\n{res.stderr[-2000:]}")
         cpu = json.loads((work / name / "compare.json").read_text())["sessions"][-1]["cpu_s"]
         results[name] = {"wall_s": wall, "cpu_s": cpu, "load_before": load_before, "load_after": os.getloadavg()}
-        print(f"{name:<18} {wall:7.1f} s wall {cpu:7.1f} CPU-s   load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}",
-              flush=True)
+        print(
+            f"{name:<18} {wall:7.1f} s wall {cpu:7.1f} CPU-s   load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
     if "one_alone" in results:
         base = results["one_alone"]["wall_s"]
         for name, r in results.items():

@@ -46,13 +46,23 @@ def make_latents(folder: Path, count: int, shape: tuple[int, int, int] = (4, 32,
     m = np.lib.format.open_memmap(folder / MOMENTS, mode="w+", dtype=np.float16, shape=(count, 2, 2, *shape))
     rng = np.random.default_rng(0)
     for lo in range(0, count, 1024):
-        m[lo:lo + 1024, :, 0] = rng.standard_normal((min(1024, count - lo), 2, *shape))
-        m[lo:lo + 1024, :, 1] = 0.05
+        m[lo : lo + 1024, :, 0] = rng.standard_normal((min(1024, count - lo), 2, *shape))
+        m[lo : lo + 1024, :, 1] = 0.05
     m.flush()
     np.save(folder / LABELS, rng.integers(0, 1000, count))
-    write_json(folder / META, {"vae": "random", "scale_factor": 0.18215, "count": count, "shape": list(shape),
-                               "size": 256, "crop": "adm", "num_classes": 1000,
-                               "class_names": [str(i) for i in range(1000)]})
+    write_json(
+        folder / META,
+        {
+            "vae": "random",
+            "scale_factor": 0.18215,
+            "count": count,
+            "shape": list(shape),
+            "size": 256,
+            "crop": "adm",
+            "num_classes": 1000,
+            "class_names": [str(i) for i in range(1000)],
+        },
+    )
     return folder
 
 
@@ -96,20 +106,34 @@ def main() -> None:
         cases = [
             ("folder jpeg 64x64", FolderDataset(make_jpegs(t / "j64", 1024, (64, 64))), 128),
             ("folder jpeg 256x256", FolderDataset(make_jpegs(t / "j256", 256, (256, 256))), 32),
-            ("folder jpeg 500x375 adm->64", FolderDataset(make_jpegs(t / "jin", 256, (500, 375)), resolution=64,
-                                                           crop="adm"), 64),
+            (
+                "folder jpeg 500x375 adm->64",
+                FolderDataset(make_jpegs(t / "jin", 256, (500, 375)), resolution=64, crop="adm"),
+                64,
+            ),
             ("latent 4x32x32 fp16", LatentDataset(make_latents(t / "lat", 8192)), 256),
         ]
         print(f"{'case':<30} {'batch':>5} {'workers':>7} {'items/s':>10} {'items/cpu-s':>12}")
         for name, dataset, batch in cases:
             for w in a.workers:
                 rate, per_cpu = measure(dataset, batch, w, a.seconds)
-                rows.append({"case": name, "batch": batch, "workers": w, "items_per_s": round(rate, 1),
-                             "items_per_cpu_s": round(per_cpu, 1)})
+                rows.append(
+                    {
+                        "case": name,
+                        "batch": batch,
+                        "workers": w,
+                        "items_per_s": round(rate, 1),
+                        "items_per_cpu_s": round(per_cpu, 1),
+                    }
+                )
                 print(f"{name:<30} {batch:>5} {w:>7} {rate:>10.0f} {per_cpu:>12.0f}")
     RESULTS.parent.mkdir(exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "load_avg_1min": os.getloadavg()[0]}
+    machine = {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "load_avg_1min": os.getloadavg()[0],
+    }
     RESULTS.write_text(json.dumps({"machine": machine, "results": rows}, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -26,9 +26,11 @@ sys.path.insert(0, str(ROOT))
 from minsnr.config import load_config  # noqa: E402
 from minsnr.train import Trainer  # noqa: E402
 
-VARIANTS = {"graph, device data": ["train.data_on_device=true"],
-            "eager, device data": ["train.data_on_device=true", "train.cuda_graph=false"],
-            "graph, host loader": ["train.data_on_device=false"]}
+VARIANTS = {
+    "graph, device data": ["train.data_on_device=true"],
+    "eager, device data": ["train.data_on_device=true", "train.cuda_graph=false"],
+    "graph, host loader": ["train.data_on_device=false"],
+}
 
 
 def state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -48,13 +50,26 @@ def main() -> int:
     states, paths = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():
-            cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
-                f"run_dir={tmp}/{len(states)}", "resume=never", f"train.device={a.device}", f"train.steps={a.steps}",
-                "log.every=20", "log.preview_every=0", "log.tensorboard=false", "checkpoint.every=0", *extra])
+            cfg = load_config(
+                ROOT / "configs" / "quickstart.yaml",
+                [
+                    f"run_dir={tmp}/{len(states)}",
+                    "resume=never",
+                    f"train.device={a.device}",
+                    f"train.steps={a.steps}",
+                    "log.every=20",
+                    "log.preview_every=0",
+                    "log.tensorboard=false",
+                    "checkpoint.every=0",
+                    *extra,
+                ],
+            )
             trainer = Trainer(cfg)
             trainer.run()
             static = trainer.static
-            paths[name] = f"{type(trainer.batches).__name__}, graph replayed: {static is not None and static.graph is not None}"
+            paths[name] = (
+                f"{type(trainer.batches).__name__}, graph replayed: {static is not None and static.graph is not None}"
+            )
             states[name] = state(trainer)
     ref_name, ref = next(iter(states.items()))
     rows, ok = [], True
@@ -63,7 +78,9 @@ def main() -> int:
         rel = max(float((st[k] - ref[k]).abs().max() / ref[k].abs().max().clamp(min=1e-12)) for k in ref)
         same = all(torch.equal(st[k], ref[k]) for k in ref)
         ok &= rel <= 1e-4
-        rows.append({"variant": name, "path": paths[name], "max_abs_diff": diff, "max_rel_diff": rel, "bit_identical": same})
+        rows.append(
+            {"variant": name, "path": paths[name], "max_abs_diff": diff, "max_rel_diff": rel, "bit_identical": same}
+        )
         print(f"{name:<20} {paths[name]:<40} max |diff| {diff:.3g} (rel {rel:.3g}) bit-identical {same}")
     print(f"reference: {ref_name}; {a.steps} steps on {a.device}; " + ("OK" if ok else "MISMATCH beyond 1e-4 relative"))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

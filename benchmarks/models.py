@@ -96,19 +96,32 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     flops = training_flops_per_image(name)
     images_per_s = args.batch / seconds
     mfu = flops * images_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None
-    return {"model": name, "shape": [channels, size, size], "num_classes": classes, "params": params,
-            "train_gflops_per_image": flops / 1e9, "ms_per_step": seconds * 1e3,
-            "cpu_ms_per_step": cpu_seconds * 1e3, "images_per_s": images_per_s,
-            "peak_mib": peak_mib, "mfu": mfu}
+    return {
+        "model": name,
+        "shape": [channels, size, size],
+        "num_classes": classes,
+        "params": params,
+        "train_gflops_per_image": flops / 1e9,
+        "ms_per_step": seconds * 1e3,
+        "cpu_ms_per_step": cpu_seconds * 1e3,
+        "images_per_s": images_per_s,
+        "peak_mib": peak_mib,
+        "mfu": mfu,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16: autocast; tf32: fp32 with TF32 matmuls")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="bf16: autocast; tf32: fp32 with TF32 matmuls"
+    )
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--models", default=None, help=f"comma-separated; default: the tiny ones on CPU, all on GPU "
-                        f"({', '.join(MODELS)})")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated; default: the tiny ones on CPU, all on GPU ({', '.join(MODELS)})",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (UNet)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, e.g. 989 (H100 bf16)")
@@ -117,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--out", default="benchmarks/results/models.json")
     args = parser.parse_args(argv)
-    names = args.models.split(",") if args.models else [
-        n for n in MODELS if n.endswith("_tiny") or not args.device.startswith("cpu")]
+    names = (
+        args.models.split(",")
+        if args.models
+        else [n for n in MODELS if n.endswith("_tiny") or not args.device.startswith("cpu")]
+    )
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
@@ -128,24 +144,41 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
 
-    print(f"device {args.device} ({device_name}), {args.dtype}, batch {args.batch}, compile {args.compile}, "
-          f"channels_last {args.channels_last}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"{'model':<18} {'params':>9} {'GFLOP/img':>10} {'ms/step':>9} {'cpu ms':>8} {'img/s':>9} {'peak MiB':>9} {'MFU':>6}")
+    print(
+        f"device {args.device} ({device_name}), {args.dtype}, batch {args.batch}, compile {args.compile}, "
+        f"channels_last {args.channels_last}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(
+        f"{'model':<18} {'params':>9} {'GFLOP/img':>10} {'ms/step':>9} {'cpu ms':>8} {'img/s':>9} {'peak MiB':>9} {'MFU':>6}"
+    )
     results = []
     for name in names:
         r = bench(name, args)
         results.append(r)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{name:<18} {r['params'] / 1e6:>8.2f}M {r['train_gflops_per_image']:>10.3f} {r['ms_per_step']:>9.1f} "
-              f"{r['cpu_ms_per_step']:>8.1f} {r['images_per_s']:>9.1f} {r['peak_mib']:>9.0f} {mfu:>6}", flush=True)
+        print(
+            f"{name:<18} {r['params'] / 1e6:>8.2f}M {r['train_gflops_per_image']:>10.3f} {r['ms_per_step']:>9.1f} "
+            f"{r['cpu_ms_per_step']:>8.1f} {r['images_per_s']:>9.1f} {r['peak_mib']:>9.0f} {mfu:>6}",
+            flush=True,
+        )
     if not args.device.startswith("cuda"):
         print("peak MiB on CPU: resident peak of the whole process so far")
     print("cpu ms: process CPU time per step, all threads (wall ms/step is inflated when cores are shared)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: getattr(args, k) for k in ("device", "dtype", "batch", "compile", "channels_last", "steps")}
-    out.write_text(json.dumps({**meta, "device_name": device_name, "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                **meta,
+                "device_name": device_name,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

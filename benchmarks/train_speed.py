@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,21 +54,42 @@ class WindowDone(StopTraining):
 def workload_config(name: str, data: Path, smoke: bool, device: str, sets: list[str], run_dir: Path) -> Config:
     """The run's config: the workload's preset, then `--set` overrides ([workload:]key=value)."""
     tiny = "{patch_size: %d, depth: 2, width: 32, num_heads: 2}"
-    common = [f"run_dir={run_dir}", "resume=never", f"train.device={device}", "train.steps=1000000000",
-              "log.preview_every=0", "log.tensorboard=false", "checkpoint.every=0", f"train.compile={not smoke}"]
+    common = [
+        f"run_dir={run_dir}",
+        "resume=never",
+        f"train.device={device}",
+        "train.steps=1000000000",
+        "log.preview_every=0",
+        "log.tensorboard=false",
+        "checkpoint.every=0",
+        f"train.compile={not smoke}",
+    ]
     if name == "quickstart":
         base, extra = "quickstart.yaml", []
     elif name == "cifar":
         args = tiny % 4 if smoke else "{patch_size: 4, depth: 8, width: 384, num_heads: 6}"
-        base, extra = "quickstart.yaml", ["data.source=npz", f"data.path={data / 'cifar.npz'}", "data.hflip=true",
-                                          "model.input_size=32", "model.in_channels=3", f"model.args={args}",
-                                          f"train.batch_size={32 if smoke else 128}", "optim.warmup_steps=0"]
+        base, extra = (
+            "quickstart.yaml",
+            [
+                "data.source=npz",
+                f"data.path={data / 'cifar.npz'}",
+                "data.hflip=true",
+                "model.input_size=32",
+                "model.in_channels=3",
+                f"model.args={args}",
+                f"train.batch_size={32 if smoke else 128}",
+                "optim.warmup_steps=0",
+            ],
+        )
     else:
         base = f"imagenet256_{name}.yaml"
         extra = [f"data.path={data / 'latents'}", f"train.batch_size={16 if smoke else 256 if name == 'vit_b' else 64}"]
         extra += ["model.input_size=8", f"model.args={tiny % 2}", "data.num_workers=0"] if smoke else []
-    mine = [s.split(":", 1)[1] if ":" in s.split("=", 1)[0] else s for s in sets
-            if ":" not in s.split("=", 1)[0] or s.split(":", 1)[0] == name]
+    mine = [
+        s.split(":", 1)[1] if ":" in s.split("=", 1)[0] else s
+        for s in sets
+        if ":" not in s.split("=", 1)[0] or s.split(":", 1)[0] == name
+    ]
     return load_config(ROOT / "configs" / base, [*common, *extra, *mine])
 
 
@@ -91,7 +112,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def wait_for_all(barrier: Optional[Path], me: int, n: int, timeout: float = 600.0) -> None:
+def wait_for_all(barrier: Path | None, me: int, n: int, timeout: float = 600.0) -> None:
     """Every concurrent run writes its ready file and waits for the others' (after its own warm-up)."""
     if barrier is None:
         return
@@ -135,18 +156,33 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         pass
     seconds, steps = marks["t1"] - marks["t0"], marks["s1"] - marks["s0"]
     device = trainer.device
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     static = getattr(trainer, "static", None)  # None also on code before the static step (for comparisons)
-    return {"workload": a.worker, "index": a.index, "batch": cfg.train.batch_size, "steps": steps, "seconds": seconds,
-            "steps_per_s": steps / seconds, "img_per_s": steps * cfg.train.batch_size / seconds,
-            "steps_per_cpu_s": steps / max(marks["c1"] - marks["c0"], 1e-9),
-            "setup_s": setup_s, "warmup_s": marks["warm"] - start - setup_s, "peak_mib": peak / 2**20,
-            "flops_per_image": flops_per_image(cfg), "threads": torch.get_num_threads(),
-            "data": type(trainer.batches).__name__, "graph": bool(static is not None and static.graph is not None),
-            "params": sum(p.numel() for p in trainer.model.parameters()),
-            "compile": cfg.train.compile, "compile_mode": getattr(cfg.train, "compile_mode", "default"),
-            "attention": getattr(cfg.train, "attention", "auto")}  # getattr: also runs on code before issue 10
+    return {
+        "workload": a.worker,
+        "index": a.index,
+        "batch": cfg.train.batch_size,
+        "steps": steps,
+        "seconds": seconds,
+        "steps_per_s": steps / seconds,
+        "img_per_s": steps * cfg.train.batch_size / seconds,
+        "steps_per_cpu_s": steps / max(marks["c1"] - marks["c0"], 1e-9),
+        "setup_s": setup_s,
+        "warmup_s": marks["warm"] - start - setup_s,
+        "peak_mib": peak / 2**20,
+        "flops_per_image": flops_per_image(cfg),
+        "threads": torch.get_num_threads(),
+        "data": type(trainer.batches).__name__,
+        "graph": bool(static is not None and static.graph is not None),
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "compile": cfg.train.compile,
+        "compile_mode": getattr(cfg.train, "compile_mode", "default"),
+        "attention": getattr(cfg.train, "attention", "auto"),
+    }  # getattr: also runs on code before issue 10
 
 
 def matmul_peak(device: str, smoke: bool) -> dict[str, Any]:
@@ -154,7 +190,7 @@ def matmul_peak(device: str, smoke: bool) -> dict[str, Any]:
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     best = 0.0
-    for n in ((256, 512) if smoke or dev.type != "cuda" else (4096, 8192, 16384)):
+    for n in (256, 512) if smoke or dev.type != "cuda" else (4096, 8192, 16384):
         a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
         for _ in range(3):
             a @ b
@@ -172,8 +208,11 @@ def make_data(folder: Path, smoke: bool, workloads: list[str]) -> None:
     rng = np.random.default_rng(0)
     if "cifar" in workloads:
         n = 256 if smoke else 50_000
-        np.savez(folder / "cifar.npz", x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y_train=rng.integers(0, 10, n))
+        np.savez(
+            folder / "cifar.npz",
+            x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            y_train=rng.integers(0, 10, n),
+        )
     if {"vit_b", "vit_xl"} & set(workloads):
         make_latents(folder / "latents", 256 if smoke else 4096, (4, 8, 8) if smoke else (4, 32, 32))
 
@@ -183,10 +222,29 @@ def launch(a: argparse.Namespace, kind: str, n: int, scratch: Path, out: Path, t
     barrier = Path(tempfile.mkdtemp(dir=scratch)) if n > 1 else None
     procs, started = [], time.perf_counter()
     for i in range(n):
-        cmd = [sys.executable, __file__, "--worker", kind, "--index", str(i), "--ranks", str(n), "--scratch", str(scratch),
-               "--device", a.device, "--warmup", str(a.warmup), "--seconds", str(a.seconds),
-               "--json", str(out / f"{kind}_{n}_{i}.json"), *(["--smoke"] if a.smoke else []),
-               *(["--barrier", str(barrier)] if barrier else []), *[f"--set={s}" for s in a.set]]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--index",
+            str(i),
+            "--ranks",
+            str(n),
+            "--scratch",
+            str(scratch),
+            "--device",
+            a.device,
+            "--warmup",
+            str(a.warmup),
+            "--seconds",
+            str(a.seconds),
+            "--json",
+            str(out / f"{kind}_{n}_{i}.json"),
+            *(["--smoke"] if a.smoke else []),
+            *(["--barrier", str(barrier)] if barrier else []),
+            *[f"--set={s}" for s in a.set],
+        ]
         log = (out / f"{kind}_{n}_{i}.log").open("w")
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, i))
     rows = []
@@ -205,7 +263,10 @@ def launch(a: argparse.Namespace, kind: str, n: int, scratch: Path, out: Path, t
         else:
             tail = text.strip().splitlines()[-5:]
             rows.append({"workload": kind, "index": i, "error": f"exit {proc.returncode}: " + " | ".join(tail)})
-            print(f"{kind} x{n} run {i} failed (exit {proc.returncode}, time limit {timeout:.0f} s):\n  " + "\n  ".join(tail))
+            print(
+                f"{kind} x{n} run {i} failed (exit {proc.returncode}, time limit {timeout:.0f} s):\n  "
+                + "\n  ".join(tail)
+            )
     return rows
 
 
@@ -216,25 +277,48 @@ def summarise(kind: str, rows: list[dict[str, Any]], peak: float) -> dict[str, A
     tflops = sum(r["img_per_s"] * r["flops_per_image"] for r in ok) / 1e12
     steady = sum(r["steps_per_s"] for r in ok) / len(ok)
     per_cpu = sum(r["steps_per_cpu_s"] for r in ok) / len(ok)
-    return {"workload": kind, "procs": len(rows), "ok": len(ok), "steps_per_s_each": steady, "steps_per_cpu_s": per_cpu,
-            "steps_per_s_total": sum(r["steps_per_s"] for r in ok), "img_per_s_total": sum(r["img_per_s"] for r in ok),
-            "tflops": tflops, "mfu": tflops / peak if peak else None, "peak_mib": max(r["peak_mib"] for r in ok),
-            "warmup_s": max(r["warmup_s"] for r in ok), "setup_s": max(r["setup_s"] for r in ok),
-            "params": ok[0]["params"], "threads": ok[0]["threads"], "data": ok[0]["data"], "graph": ok[0]["graph"],
-            "speed_log": ok[0].get("speed_log", ""), "runs": rows}
+    return {
+        "workload": kind,
+        "procs": len(rows),
+        "ok": len(ok),
+        "steps_per_s_each": steady,
+        "steps_per_cpu_s": per_cpu,
+        "steps_per_s_total": sum(r["steps_per_s"] for r in ok),
+        "img_per_s_total": sum(r["img_per_s"] for r in ok),
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "peak_mib": max(r["peak_mib"] for r in ok),
+        "warmup_s": max(r["warmup_s"] for r in ok),
+        "setup_s": max(r["setup_s"] for r in ok),
+        "params": ok[0]["params"],
+        "threads": ok[0]["threads"],
+        "data": ok[0]["data"],
+        "graph": ok[0]["graph"],
+        "speed_log": ok[0].get("speed_log", ""),
+        "runs": rows,
+    }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, short windows (tests the benchmark)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated of {', '.join(WORKLOADS)}")
-    p.add_argument("--concurrent", type=int, default=None, help="also run the small workloads N at once (default 4; smoke 2)")
+    p.add_argument(
+        "--concurrent", type=int, default=None, help="also run the small workloads N at once (default 4; smoke 2)"
+    )
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 30; smoke 3)")
     p.add_argument("--seconds", type=float, default=None, help="timed window per run (default 10; smoke 1)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed (default 300; smoke 120)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for everything: runs that would not fit are "
-                   "skipped or cut (say so in the table); the JSON is rewritten after every row")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds before a run is killed (default 300; smoke 120)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for everything: runs that would not fit are "
+        "skipped or cut (say so in the table); the JSON is rewritten after every row",
+    )
     p.add_argument("--set", action="append", default=[], help="[workload:]key=value config override; repeatable")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
@@ -260,13 +344,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     logs = out.with_suffix("")
     logs.mkdir(parents=True, exist_ok=True)
     peak = matmul_peak(a.device, a.smoke)
-    print(f"{peak['device_name']}: {peak['peak_dtype']} matmul peak {peak['peak_tflops']:.3g} TFLOP/s; torch "
-          f"{torch.__version__}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    print(f"{'workload':<11} {'procs':>5} {'steps/s':>9} {'total':>9} {'img/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak MiB':>9} {'warm-up s':>9}  path", flush=True)
+    print(
+        f"{peak['device_name']}: {peak['peak_dtype']} matmul peak {peak['peak_tflops']:.3g} TFLOP/s; torch "
+        f"{torch.__version__}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    print(
+        f"{'workload':<11} {'procs':>5} {'steps/s':>9} {'total':>9} {'img/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'peak MiB':>9} {'warm-up s':>9}  path",
+        flush=True,
+    )
     table: list[dict[str, Any]] = []
-    meta = {**peak, "device": a.device, "torch": torch.__version__, "smoke": a.smoke, "cpus": os.cpu_count(),
-            "sets": a.set, "warmup_steps": a.warmup, "seconds": a.seconds}
+    meta = {
+        **peak,
+        "device": a.device,
+        "torch": torch.__version__,
+        "smoke": a.smoke,
+        "cpus": os.cpu_count(),
+        "sets": a.set,
+        "warmup_steps": a.warmup,
+        "seconds": a.seconds,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         make_data(scratch, a.smoke, kinds)
@@ -276,8 +374,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if left < 30:
                     row = {"workload": kind, "procs": n, "error": f"skipped: {a.budget:.0f} s budget spent"}
                 else:
-                    row = summarise(kind, launch(a, kind, n, scratch, logs, min(a.timeout, left - 5)),
-                                    peak["peak_tflops"])
+                    row = summarise(
+                        kind, launch(a, kind, n, scratch, logs, min(a.timeout, left - 5)), peak["peak_tflops"]
+                    )
                 table.append(row)
                 out.write_text(json.dumps({**meta, "load_avg_1min": os.getloadavg()[0], "results": table}, indent=1))
                 if "error" in row:
@@ -285,12 +384,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                     continue
                 mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
                 path = f"{row['data']}, {'graph' if row['graph'] else 'eager'}, {row['threads']} thr"
-                print(f"{kind:<11} {n:>5} {row['steps_per_s_each']:>9.1f} {row['steps_per_s_total']:>9.1f} "
-                      f"{row['img_per_s_total']:>10.0f} {row['tflops']:>8.2f} {mfu:>6} {row['peak_mib']:>9.0f} "
-                      f"{row['warmup_s']:>9.1f}  {path}", flush=True)
-    print("steps/s: per process (mean); total: summed over the processes; warm-up: set-up excluded, compilation "
-          "and graph capture included; peak MiB: CUDA allocator peak in the window (CPU: resident peak); JSON also "
-          "holds steps per process CPU-second (steps_per_cpu_s), steadier than wall time on a shared machine")
+                print(
+                    f"{kind:<11} {n:>5} {row['steps_per_s_each']:>9.1f} {row['steps_per_s_total']:>9.1f} "
+                    f"{row['img_per_s_total']:>10.0f} {row['tflops']:>8.2f} {mfu:>6} {row['peak_mib']:>9.0f} "
+                    f"{row['warmup_s']:>9.1f}  {path}",
+                    flush=True,
+                )
+    print(
+        "steps/s: per process (mean); total: summed over the processes; warm-up: set-up excluded, compilation "
+        "and graph capture included; peak MiB: CUDA allocator peak in the window (CPU: resident peak); JSON also "
+        "holds steps per process CPU-second (steps_per_cpu_s), steadier than wall time on a shared machine"
+    )
     print(f"wrote {out} (worker logs in {logs}/)")
     return 0 if all("error" not in r for r in table) else 1
 

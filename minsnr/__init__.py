@@ -50,11 +50,10 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports on demand
     from minsnr.checkpoint import load_model
     from minsnr.config import Config, load_config
-    from minsnr.models import MODELS, create_model
     from minsnr.loss import TrainingLoss, diffusion_loss
+    from minsnr.models import MODELS, create_model
     from minsnr.objective import convert, drop_labels, predict_eps, predict_x0, q_sample
-    from minsnr.sampling import (CFGDenoiser, VPDenoiser, generate, karras_sigmas, sample_ddim, sample_euler,
-                                 sample_heun)
+    from minsnr.sampling import CFGDenoiser, VPDenoiser, generate, karras_sigmas, sample_ddim, sample_euler, sample_heun
     from minsnr.schedule import Schedule, make_schedule
     from minsnr.weighting import loss_weight, x0_weight
 

@@ -108,8 +108,9 @@ class ParetoWeight(nn.Module):
     def set_probe(self, x0: Tensor, labels: Tensor | None, seed: int) -> None:
         """Fix the probe: `x0` [N, C, H, W] for every task, timesteps and noise drawn from `seed`."""
         gen = torch.Generator().manual_seed(seed)
-        self.probe = make_task_batch(x0.detach().cpu(), None if labels is None else labels.cpu(), self.ranges,
-                                     generator=gen).to(self.weights.device)
+        self.probe = make_task_batch(
+            x0.detach().cpu(), None if labels is None else labels.cpu(), self.ranges, generator=gen
+        ).to(self.weights.device)
 
     def adapt(self, model: nn.Module, schedule: Schedule, target: str, dataset: Any, seed: int) -> None:
         """Eq. 11 on the probe (built from `dataset` and `seed` at the first call): the Gram matrix of the task

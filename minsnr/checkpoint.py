@@ -17,12 +17,13 @@ import json
 import os
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 import safetensors.torch
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
@@ -132,8 +133,9 @@ def strict_load(module: Any, state: dict[str, torch.Tensor], what: str) -> None:
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
         more = f"\n  ... and {len(lines) - 6} more" if len(lines) > 6 else ""
-        raise CheckpointError(f"{what} does not fit the model {type(module).__name__}:\n  "
-                              + "\n  ".join(lines[:6]) + more) from None
+        raise CheckpointError(
+            f"{what} does not fit the model {type(module).__name__}:\n  " + "\n  ".join(lines[:6]) + more
+        ) from None
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, memoryview]:
@@ -142,18 +144,24 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     bytes. The header stays padded with spaces to a multiple of 8 bytes, as the format asks."""
     raw = safetensors.torch.save(tensors, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header, memoryview(raw)[8 + n:]
+    return len(header).to_bytes(8, "little") + header, memoryview(raw)[8 + n :]
 
 
-def export_safetensors(path: str | Path, weights: dict[str, torch.Tensor], cfg: Config, step: int,
-                       class_names: Sequence[str] = ()) -> None:
+def export_safetensors(
+    path: str | Path, weights: dict[str, torch.Tensor], cfg: Config, step: int, class_names: Sequence[str] = ()
+) -> None:
     """EMA weights for sharing: safetensors, with the run's identity config, step and the data's class
     names (label i is class_names[i]) as metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    meta = {"config": json.dumps(identity_config(cfg)), "format": "minsnr", "version": str(VERSION), "step": str(step),
-            "class_names": json.dumps(list(class_names))}
+    meta = {
+        "config": json.dumps(identity_config(cfg)),
+        "format": "minsnr",
+        "version": str(VERSION),
+        "step": str(step),
+        "class_names": json.dumps(list(class_names)),
+    }
     header, data = _safetensors_bytes(tensors, meta)
 
     def write(f: BinaryIO) -> None:
@@ -172,7 +180,9 @@ def export_step(path: Path) -> int | None:
         return None
 
 
-def load_model(path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
+def load_model(
+    path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config]:
     """Model (EMA weights by default) and config from a .pt checkpoint or an exported .safetensors file."""
     p = Path(path)
     if p.suffix == ".safetensors":

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -47,8 +48,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "digits"  # a key of minsnr.data.SOURCES
-    path: Optional[str] = None  # npz file, image folder or latent folder the user supplies
-    resolution: Optional[int] = None  # output side length; None keeps the stored size
+    path: str | None = None  # npz file, image folder or latent folder the user supplies
+    resolution: int | None = None  # output side length; None keeps the stored size
     crop: str = "none"  # a key of minsnr.data.transforms.CROPS
     hflip: bool = True
     conditional: bool = True  # use labels when the data has them
@@ -66,7 +67,7 @@ class ScheduleConfig:
 class LossConfig:
     target: str = DEFAULT_TARGET  # one of minsnr.weighting.TARGETS
     weighting: str = DEFAULT_WEIGHTING  # one of minsnr.weighting.WEIGHTINGS (STRATEGIES, or ADAPTIVE: stateful)
-    gamma: Optional[float] = None  # None: the strategy's default gamma in STRATEGIES
+    gamma: float | None = None  # None: the strategy's default gamma in STRATEGIES
     timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
     adapt_every: int = 100  # weighting=pareto: steps between updates of the weights (minsnr.adaptive)
@@ -98,10 +99,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # one of DEVICES
     threads: int = 0  # CPU threads for torch ops; 0: torch's default on the CPU, max(1, min(4, cores // 4)) on CUDA
-    data_on_device: Optional[bool] = None  # keep array data (digits, npz) on the device; null: on CUDA when it fits
+    data_on_device: bool | None = None  # keep array data (digits, npz) on the device; null: on CUDA when it fits
     cuda_graph: bool = True  # replay the whole step as one CUDA graph where it applies (CUDA, 1 process, grad_accum 1)
     compile_mode: str = "default"  # torch.compile mode when compile=true; a key of minsnr.distributed.COMPILE_MODES
-    attention: str = "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.distributed.ATTENTION)
+    attention: str = (
+        "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.distributed.ATTENTION)
+    )
     pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
 
 
@@ -112,7 +115,7 @@ class LogConfig:
     tensorboard: bool = True
     eval_every: int = 0  # periodic fid_cls / FID every N steps; 0 disables
     eval_num: int = 1000
-    eval_classifier: Optional[str] = None  # classifier checkpoint for fid_cls
+    eval_classifier: str | None = None  # classifier checkpoint for fid_cls
     eval_metric: str = "auto"  # one of EVAL_METRICS
 
 
@@ -129,7 +132,7 @@ class SampleConfig:
     cfg_scale: float = 1.0
     # VE sigma where sampling starts; None: the schedule's largest (sigma_ve_max, 20,291 for cosine),
     # a larger value is capped there with a warning; EDM uses 80
-    sigma_max: Optional[float] = None
+    sigma_max: float | None = None
 
 
 @dataclass
@@ -218,8 +221,12 @@ def _merge(base: Any, overrides: list[str], only: str | None) -> Any:
         try:
             override = OmegaConf.from_dotlist([item])
             if item.startswith("model.name=") and override.model.name != base.model.name and base.model.args:
-                log.warning("model.name=%s: dropping the config file's arguments for %s: %s", override.model.name,
-                            base.model.name, dict(base.model.args))
+                log.warning(
+                    "model.name=%s: dropping the config file's arguments for %s: %s",
+                    override.model.name,
+                    base.model.name,
+                    dict(base.model.args),
+                )
                 base.model.args = {}  # the file's architecture arguments belong to its own model
             base = OmegaConf.merge(base, override)
         except OmegaConfBaseException as err:
@@ -236,12 +243,17 @@ def _finish(merged: Any) -> Config:
 
 def _expand_paths(cfg: Config) -> Config:
     """`~` in the path-valued keys the user gives (run_dir, resume, data.path, log.eval_classifier)."""
-    def home(value: Optional[str]) -> Optional[str]:
+
+    def home(value: str | None) -> str | None:
         return os.path.expanduser(value) if value else value
 
-    return dataclasses.replace(cfg, run_dir=home(cfg.run_dir), resume=home(cfg.resume),  # type: ignore[arg-type]
-                               data=dataclasses.replace(cfg.data, path=home(cfg.data.path)),
-                               log=dataclasses.replace(cfg.log, eval_classifier=home(cfg.log.eval_classifier)))
+    return dataclasses.replace(
+        cfg,
+        run_dir=home(cfg.run_dir),
+        resume=home(cfg.resume),  # type: ignore[arg-type]
+        data=dataclasses.replace(cfg.data, path=home(cfg.data.path)),
+        log=dataclasses.replace(cfg.log, eval_classifier=home(cfg.log.eval_classifier)),
+    )
 
 
 def with_model_args(cfg: Config) -> Config:
@@ -249,13 +261,16 @@ def with_model_args(cfg: Config) -> Config:
     so the run's config and checkpoints stay loadable if a preset changes later."""
     from minsnr.models import resolved_args
 
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args=resolved_args(cfg.model.name, cfg.model.args)))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, args=resolved_args(cfg.model.name, cfg.model.args))
+    )
 
 
 def _choice(name: str, value: object, valid: Mapping[str, Any] | tuple[str, ...]) -> None:
     if value not in valid:
-        raise ConfigError(f"{name}={value!r} is not valid{did_you_mean(value, valid)}; "
-                          f"choose one of: {', '.join(map(str, valid))}")
+        raise ConfigError(
+            f"{name}={value!r} is not valid{did_you_mean(value, valid)}; choose one of: {', '.join(map(str, valid))}"
+        )
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -265,11 +280,21 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 
 def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
     """Every config key with a fixed set of valid values -> that set (the registries themselves)."""
-    return {"model.name": MODELS, "data.source": SOURCES, "data.crop": CROPS, "schedule.name": SCHEDULES,
-            "loss.target": TARGETS, "loss.weighting": WEIGHTINGS, "loss.timesteps": TIMESTEPS,
-            "train.precision": PRECISIONS, "train.device": DEVICES, "train.compile_mode": COMPILE_MODES,
-            "train.attention": ATTENTION, "sample.sampler": SAMPLERS,
-            "log.eval_metric": EVAL_METRICS}
+    return {
+        "model.name": MODELS,
+        "data.source": SOURCES,
+        "data.crop": CROPS,
+        "schedule.name": SCHEDULES,
+        "loss.target": TARGETS,
+        "loss.weighting": WEIGHTINGS,
+        "loss.timesteps": TIMESTEPS,
+        "train.precision": PRECISIONS,
+        "train.device": DEVICES,
+        "train.compile_mode": COMPILE_MODES,
+        "train.attention": ATTENTION,
+        "sample.sampler": SAMPLERS,
+        "log.eval_metric": EVAL_METRICS,
+    }
 
 
 def validate(cfg: Config) -> None:
@@ -291,15 +316,34 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.label_dropout={cfg.loss.label_dropout} must be in [0, 1)")
     if cfg.loss.label_dropout > 0 and cfg.model.num_classes == 0:
         raise ConfigError("loss.label_dropout > 0 needs a class-conditional model (model.num_classes > 0)")
-    for name in ("train.batch_size", "train.steps", "train.grad_accum", "schedule.num_timesteps",
-                 "model.input_size", "model.in_channels", "sample.steps", "log.every", "checkpoint.keep"):
+    for name in (
+        "train.batch_size",
+        "train.steps",
+        "train.grad_accum",
+        "schedule.num_timesteps",
+        "model.input_size",
+        "model.in_channels",
+        "sample.steps",
+        "log.every",
+        "checkpoint.keep",
+    ):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key))
     for name in ("optim.lr", "optim.eps"):
         _positive(name, getattr(cfg.optim, name.split(".")[1]))
-    for name in ("optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "model.num_classes",
-                 "log.preview_every", "log.eval_every", "checkpoint.every", "train.pareto_every",
-                 "sample.cfg_scale", "data.num_workers", "train.threads"):
+    for name in (
+        "optim.weight_decay",
+        "optim.warmup_steps",
+        "optim.grad_clip",
+        "model.num_classes",
+        "log.preview_every",
+        "log.eval_every",
+        "checkpoint.every",
+        "train.pareto_every",
+        "sample.cfg_scale",
+        "data.num_workers",
+        "train.threads",
+    ):
         section, key = name.split(".")
         _positive(name, getattr(getattr(cfg, section), key), allow_zero=True)
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -326,33 +370,17 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-
-
-CHOICES_START, CHOICES_END = "<!-- choices: generated by `python -m minsnr.config README.md` -->", "<!-- /choices -->"
-
-
-def choices_table() -> str:
-    """The README's table of valid values, built from the registries (so no name list is written twice)."""
-    rows = ["| key | valid values |", "|---|---|"]
-    rows += [f"| `{key}` | {', '.join(f'`{v}`' for v in valid)} |" for key, valid in choices().items()]
-    return "\n".join(rows)
-
-
-def update_readme(path: str | Path) -> bool:
-    """Rewrite the block between CHOICES_START and CHOICES_END in `path`; True if it changed."""
-    text = Path(path).read_text()
-    head, rest = text.split(CHOICES_START, 1)
-    _, tail = rest.split(CHOICES_END, 1)
-    new = f"{head}{CHOICES_START}\n{choices_table()}\n{CHOICES_END}{tail}"
-    if new != text:
-        Path(path).write_text(new)
-    return new != text
-
-
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "packaged_configs", "resolve_config", "validate", "with_model_args",
-           "choices", "choices_table", "to_dict", "from_dict", "dump_yaml"]
-
-if __name__ == "__main__":
-    import sys
-
-    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "packaged_configs",
+    "resolve_config",
+    "validate",
+    "with_model_args",
+    "choices",
+    "to_dict",
+    "from_dict",
+    "dump_yaml",
+]

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
-
 
 # The backends a device offers, as config choices (train.compile_mode, train.attention); minsnr.step uses them.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -46,7 +44,7 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: str = "auto", backend: Optional[str] = None) -> Dist:
+def setup(device: str = "auto", backend: str | None = None) -> Dist:
     """Rank, world size and this rank's device; starts the process group under torchrun."""
     want = resolve_device(device)
     world, started = world_size(), False

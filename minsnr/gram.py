@@ -12,8 +12,8 @@ gradients once; with block = 1 (low memory) it recomputes gradients, K + K (K - 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -49,15 +49,27 @@ class TaskBatch:
 
     def to(self, device: torch.device | str) -> TaskBatch:
         labels = None if self.labels is None else self.labels.to(device)
-        return replace(self, x0=self.x0.to(device), labels=labels, t=self.t.to(device),
-                       noise=self.noise.to(device), task=self.task.to(device))
+        return replace(
+            self,
+            x0=self.x0.to(device),
+            labels=labels,
+            t=self.t.to(device),
+            noise=self.noise.to(device),
+            task=self.task.to(device),
+        )
 
     def indices(self, k: int) -> Tensor:
         return (self.task == k).nonzero().flatten()
 
 
-def make_task_batch(x0: Tensor, labels: Tensor | None, ranges: list[Range], *, share: bool = True,
-                    generator: torch.Generator | None = None) -> TaskBatch:
+def make_task_batch(
+    x0: Tensor,
+    labels: Tensor | None,
+    ranges: list[Range],
+    *,
+    share: bool = True,
+    generator: torch.Generator | None = None,
+) -> TaskBatch:
     """Fix timesteps (uniform within each task's range) and noise for `x0` [B, C, H, W].
 
     share=True: every task uses all B images (N = K B). share=False: the images are split into K groups
@@ -79,8 +91,9 @@ def make_task_batch(x0: Tensor, labels: Tensor | None, ranges: list[Range], *, s
     return TaskBatch(x0.cpu(), None if labels is None else labels.cpu(), t, noise, task, list(ranges))
 
 
-def x0_mse(model: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor, schedule: Schedule,
-           target: str) -> Tensor:
+def x0_mse(
+    model: nn.Module, x0: Tensor, labels: Tensor | None, t: Tensor, noise: Tensor, schedule: Schedule, target: str
+) -> Tensor:
     """Per-sample unweighted x0-space MSE [B], differentiable (eq. 5 whatever the target, appendix B)."""
     if schedule.alphas_cumprod.device != t.device:
         schedule = schedule.to(t.device)
@@ -113,8 +126,9 @@ def _mse(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, i:
     return x0_mse(model, batch.x0[i], labels, batch.t[i], batch.noise[i], schedule, target)
 
 
-def task_losses(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, *,
-                micro_batch: int | None = None) -> Tensor:
+def task_losses(
+    model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, *, micro_batch: int | None = None
+) -> Tensor:
     """Unweighted x0-space loss of every task [K] (float64, no gradients)."""
     out = torch.zeros(batch.num_tasks, dtype=torch.float64)
     with torch.no_grad(), eval_mode(model):
@@ -130,8 +144,9 @@ def trainable(model: nn.Module) -> list[Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def task_gradient(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, k: int, *,
-                  micro_batch: int | None = None) -> Tensor:
+def task_gradient(
+    model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, k: int, *, micro_batch: int | None = None
+) -> Tensor:
     """Flattened gradient [P] of task k's loss (float32, or the parameters' dtype if wider); samples in
     chunks of `micro_batch` to bound memory. Uses the model's current train/eval mode."""
     params = trainable(model)
@@ -141,17 +156,20 @@ def task_gradient(model: nn.Module, batch: TaskBatch, schedule: Schedule, target
     for i in _chunks(idx, micro_batch):
         mse = _mse(model, batch, schedule, target, i)
         grads = torch.autograd.grad(mse.sum() / len(idx), params, allow_unused=True)
-        flat += torch.cat([(torch.zeros_like(p) if g is None else g).flatten().to(dtype)
-                           for g, p in zip(grads, params)])
+        flat += torch.cat(
+            [(torch.zeros_like(p) if g is None else g).flatten().to(dtype) for g, p in zip(grads, params)]
+        )
     return flat
 
 
-def task_gradients(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, *,
-                   micro_batch: int | None = None) -> Tensor:
+def task_gradients(
+    model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, *, micro_batch: int | None = None
+) -> Tensor:
     """All K flattened gradients [K, P]; needs K P floats of memory."""
     with eval_mode(model):
-        return _stacked(lambda k: task_gradient(model, batch, schedule, target, k, micro_batch=micro_batch),
-                        range(batch.num_tasks))
+        return _stacked(
+            lambda k: task_gradient(model, batch, schedule, target, k, micro_batch=micro_batch), range(batch.num_tasks)
+        )
 
 
 def _stacked(grad: Callable[[int], Tensor], tasks: range) -> Tensor:
@@ -169,12 +187,20 @@ def dot64(a: Tensor, b: Tensor) -> Tensor:
     """a [m, P] @ b [n, P]^T accumulated in float64, converting P-chunks so no float64 copy of a is made."""
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for s in range(0, a.shape[1], _DOT_CHUNK):
-        out += a[:, s:s + _DOT_CHUNK].double() @ b[:, s:s + _DOT_CHUNK].double().T
+        out += a[:, s : s + _DOT_CHUNK].double() @ b[:, s : s + _DOT_CHUNK].double().T
     return out
 
 
-def gram_matrix(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: str, *, block: int | None = None,
-                micro_batch: int | None = None, progress: bool = False) -> Tensor:
+def gram_matrix(
+    model: nn.Module,
+    batch: TaskBatch,
+    schedule: Schedule,
+    target: str,
+    *,
+    block: int | None = None,
+    micro_batch: int | None = None,
+    progress: bool = False,
+) -> Tensor:
     """G_kl = <g_k, g_l> [K, K] float64 on the CPU, holding at most `block` gradients (None: all K) at once."""
     k_total = batch.num_tasks
     block = k_total if block is None else max(1, min(block, k_total))
@@ -182,6 +208,7 @@ def gram_matrix(model: nn.Module, batch: TaskBatch, schedule: Schedule, target: 
     starts = range(0, k_total, block)
     total = sum(k_total - s for s in starts)  # gradient computations, recomputations included
     with eval_mode(model), tqdm(total=total, desc="task gradients", disable=not progress) as bar:
+
         def grad(k: int) -> Tensor:
             bar.update()
             return task_gradient(model, batch, schedule, target, k, micro_batch=micro_batch)

@@ -4,7 +4,8 @@ EMA preview grids, periodic fid_cls / FID, the Pareto monitor. Used by `minsnr t
 from __future__ import annotations
 
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,9 @@ def build_hooks(cfg: Config) -> tuple[Hook, ...]:
     """The periodic work of `minsnr train`. log.preview_every=0 turns off the periodic previews but not the
     final samples.png: a hook due every train.steps steps runs once, after the last step."""
     hooks = []
-    if cfg.data.source != "latent" or optional("diffusers", "no previews or samples.png (they decode latents with the SD-VAE)"):
+    if cfg.data.source != "latent" or optional(
+        "diffusers", "no previews or samples.png (they decode latents with the SD-VAE)"
+    ):
         hooks.append(Hook(cfg.log.preview_every or cfg.train.steps, make_preview_hook(cfg)))
     if cfg.log.eval_every > 0:
         from minsnr.evaluate.periodic import make_eval_hook

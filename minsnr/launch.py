@@ -11,22 +11,27 @@ import sys
 from pathlib import Path
 
 from minsnr.checkpoint import EMA_EXPORT, CheckpointError
-from minsnr.files import WriteError
-from minsnr.config import Config, ConfigError, load_config, packaged_configs
+from minsnr.config import ConfigError, load_config, packaged_configs
 from minsnr.data import BadImagesError
 from minsnr.distributed import teardown
 from minsnr.evaluate.util import HelpFormatter, log_through_progress_bars
 from minsnr.extras import MissingExtra
+from minsnr.files import WriteError
 from minsnr.hooks import build_hooks
 from minsnr.resume import describe_last_good
 from minsnr.train import NonFiniteLoss, train
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="minsnr train", description="Train a diffusion model.", formatter_class=HelpFormatter,
-                                     epilog="Overrides are dotted keys, e.g. loss.weighting=min_snr train.steps=1000; "
-                                            "see README.md for every key.")
-    parser.add_argument("config", nargs="?", help="YAML file (configs/quickstart.yaml) or a packaged config's name (quickstart)")
+    parser = argparse.ArgumentParser(
+        prog="minsnr train",
+        description="Train a diffusion model.",
+        formatter_class=HelpFormatter,
+        epilog="Overrides are dotted keys, e.g. loss.weighting=min_snr train.steps=1000; see README.md for every key.",
+    )
+    parser.add_argument(
+        "config", nargs="?", help="YAML file (configs/quickstart.yaml) or a packaged config's name (quickstart)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--list", action="store_true", help="list the packaged configs and exit")
     args = parser.parse_args(argv)
@@ -42,7 +47,15 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, build_hooks(cfg))
-    except (ConfigError, CheckpointError, NonFiniteLoss, BadImagesError, FileNotFoundError, ValueError, MissingExtra) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        NonFiniteLoss,
+        BadImagesError,
+        FileNotFoundError,
+        ValueError,
+        MissingExtra,
+    ) as err:
         print(f"minsnr train: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     except OSError as err:  # disk full, no permission ...: say which file, and what is safe
@@ -59,9 +72,14 @@ def main(argv: list[str]) -> int:
         print(f"\nstopped at step {result['step']}; run the same command to resume")
     elif os.environ.get("RANK", "0") == "0":
         print(f"\ntrained to step {result['step']}; outputs in {run}/:")
-        for name, what in [("samples.png", "latest EMA sample grid"), ("checkpoints/latest.pt", "checkpoint (resume=auto)"),
-                           (EMA_EXPORT, "EMA weights"), ("metrics.jsonl", "metrics"),
-                           ("config.yaml", "resolved config"), ("tensorboard", "tensorboard --logdir " + str(run / "tensorboard"))]:
+        for name, what in [
+            ("samples.png", "latest EMA sample grid"),
+            ("checkpoints/latest.pt", "checkpoint (resume=auto)"),
+            (EMA_EXPORT, "EMA weights"),
+            ("metrics.jsonl", "metrics"),
+            ("config.yaml", "resolved config"),
+            ("tensorboard", "tensorboard --logdir " + str(run / "tensorboard")),
+        ]:
             if (run / name).exists():
                 print(f"  {run / name}: {what}")
     return 128 + stopped if stopped else 0  # the shell's convention for a run ended by a signal (130, 143)

@@ -14,8 +14,9 @@ apart), and each call gathers it for the batch's timesteps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,20 +48,33 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 class TrainingLoss:
     """loss(model, x0, labels, t=None, noise=None, generator=None) -> LossOutput; see the module docstring."""
 
-    def __init__(self, schedule: Schedule, *, target: str = DEFAULT_TARGET, weighting: Strategy = DEFAULT_WEIGHTING,
-                 gamma: float | None = None, timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
-                 adaptive: Adaptive | None = None, adapt_every: int = 100) -> None:
+    def __init__(
+        self,
+        schedule: Schedule,
+        *,
+        target: str = DEFAULT_TARGET,
+        weighting: Strategy = DEFAULT_WEIGHTING,
+        gamma: float | None = None,
+        timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
+        adaptive: Adaptive | None = None,
+        adapt_every: int = 100,
+    ) -> None:
         check(target, TARGETS, "target")
         stateful = isinstance(weighting, str) and weighting in ADAPTIVE
         if stateful and adaptive is None:
-            raise ValueError(f"weighting {weighting!r} is stateful: pass adaptive=minsnr.adaptive.make_adaptive(...) "
-                             "or build the loss with TrainingLoss.from_config")
+            raise ValueError(
+                f"weighting {weighting!r} is stateful: pass adaptive=minsnr.adaptive.make_adaptive(...) "
+                "or build the loss with TrainingLoss.from_config"
+            )
         if adaptive is not None and not stateful:
             raise ValueError(f"adaptive= is given but weighting {weighting!r} is fixed; use 'learned' or 'pareto'")
         self.schedule, self.target, self.weighting, self.gamma = schedule, target, weighting, gamma
         self.adaptive, self.adapt_every = adaptive, adapt_every
-        self.timesteps = (timesteps if isinstance(timesteps, Timesteps)
-                          else make_timesteps(timesteps, schedule, weighting, gamma, target))
+        self.timesteps = (
+            timesteps
+            if isinstance(timesteps, Timesteps)
+            else make_timesteps(timesteps, schedule, weighting, gamma, target)
+        )
         base = ADAPTIVE[weighting] if stateful else weighting  # type: ignore[index]
         snr = schedule.snr(torch.arange(schedule.num_timesteps, device=schedule.alphas_cumprod.device))
         self.weight_table = loss_weight(snr, base, gamma, target)  # [T] target-space weight (float64)
@@ -69,11 +83,25 @@ class TrainingLoss:
     def from_config(cls, cfg: Any, schedule: Schedule) -> TrainingLoss:
         """The loss of `cfg.loss` (target, weighting, gamma, timesteps, adapt_every), state on the schedule's device."""
         c = cfg.loss
-        return cls(schedule, target=c.target, weighting=c.weighting, gamma=c.gamma, timesteps=c.timesteps,
-                   adaptive=make_adaptive(c.weighting, schedule), adapt_every=c.adapt_every)
+        return cls(
+            schedule,
+            target=c.target,
+            weighting=c.weighting,
+            gamma=c.gamma,
+            timesteps=c.timesteps,
+            adaptive=make_adaptive(c.weighting, schedule),
+            adapt_every=c.adapt_every,
+        )
 
-    def __call__(self, model: Model, x0: Tensor, labels: Tensor | None, t: Tensor | None = None,
-                 noise: Tensor | None = None, generator: torch.Generator | None = None) -> LossOutput:
+    def __call__(
+        self,
+        model: Model,
+        x0: Tensor,
+        labels: Tensor | None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
         """Eq. 5 with the weight of section 3.4: x0 float [B, ...], labels long [B] or None, t long [B] (drawn
         from the timestep distribution when None), noise like x0 (drawn when None). The model receives the
         integer timesteps t (int64 [B]) that index the schedule. With a stateful weighting the per-sample
@@ -126,8 +154,11 @@ class TrainingLoss:
     def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
         """Strict only: every key of the stateful weighting, nothing else (RuntimeError listing the misfits)."""
         if self.adaptive is None or not strict:
-            raise ValueError(f"weighting {self.weighting!r} has no state to load" if self.adaptive is None
-                             else "a stateful loss weighting loads strictly only")
+            raise ValueError(
+                f"weighting {self.weighting!r} has no state to load"
+                if self.adaptive is None
+                else "a stateful loss weighting loads strictly only"
+            )
         self.adaptive.load_state_dict(state, strict=True)
 
     def export_tensors(self) -> dict[str, Tensor] | None:
@@ -139,11 +170,21 @@ class TrainingLoss:
         return {} if self.adaptive is None else self.adaptive.metrics()
 
 
-def diffusion_loss(model: Model, x0: Tensor, labels: Tensor | None, schedule: Schedule, *,
-                   target: str = DEFAULT_TARGET, weighting: Strategy = DEFAULT_WEIGHTING, gamma: float | None = None,
-                   t: Tensor | None = None, noise: Tensor | None = None,
-                   timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
-                   generator: torch.Generator | None = None, adaptive: Adaptive | None = None) -> LossOutput:
+def diffusion_loss(
+    model: Model,
+    x0: Tensor,
+    labels: Tensor | None,
+    schedule: Schedule,
+    *,
+    target: str = DEFAULT_TARGET,
+    weighting: Strategy = DEFAULT_WEIGHTING,
+    gamma: float | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
+    generator: torch.Generator | None = None,
+    adaptive: Adaptive | None = None,
+) -> LossOutput:
     """The weighted denoising loss of one batch: `TrainingLoss(schedule, ...)(model, x0, labels, t, noise)`.
 
     `model(x_t, t, labels)` predicts `target`; weighting: a name (min_snr, const, plain, ...) or a callable
@@ -153,6 +194,7 @@ def diffusion_loss(model: Model, x0: Tensor, labels: Tensor | None, schedule: Sc
     For many batches build the TrainingLoss once: it computes every timestep's weight at construction."""
     if isinstance(timesteps, str):
         lookup(TIMESTEPS, timesteps, "loss.timesteps")
-    loss = TrainingLoss(schedule, target=target, weighting=weighting, gamma=gamma, timesteps=timesteps,
-                        adaptive=adaptive)
+    loss = TrainingLoss(
+        schedule, target=target, weighting=weighting, gamma=gamma, timesteps=timesteps, adaptive=adaptive
+    )
     return loss(model, x0, labels, t=t, noise=noise, generator=generator)

@@ -57,8 +57,9 @@ def convert(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, src: str, d
     return make_target(x0, eps, alpha, sigma, dst)
 
 
-def drop_labels(labels: Tensor, p: float, null_label: int, uniform: Tensor | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+def drop_labels(
+    labels: Tensor, p: float, null_label: int, uniform: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """Classifier-free guidance training: replace each label by the null class with probability p.
 
     labels: long [B]; null_label: the extra class index (= num_classes); returns long [B].

@@ -35,15 +35,25 @@ def check(checkpoint: str | Path, per_class: int = 50, seed: int = 0, classifier
     images = sample_images(model, cfg, labels, len(labels), seed, device=torch.device("cpu"))
     _, pred = classify(clf, [images], images.shape[1:])
     hit = pred == labels
-    return {"classifier_test_accuracy": accuracy(clf, x_test, y_test), "sample_accuracy": float(hit.mean()),
-            "per_class": [float(hit[labels == c].mean()) for c in range(10)], "samples": len(labels),
-            "images": images, "per_class_n": per_class}
+    return {
+        "classifier_test_accuracy": accuracy(clf, x_test, y_test),
+        "sample_accuracy": float(hit.mean()),
+        "per_class": [float(hit[labels == c].mean()) for c in range(10)],
+        "samples": len(labels),
+        "images": images,
+        "per_class_n": per_class,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minsnr.quickcheck", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("run_dir", nargs="?", default="runs/quickstart", type=os.path.expanduser,
-                   help="run folder of a class-conditional digits model")
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        default="runs/quickstart",
+        type=os.path.expanduser,
+        help="run folder of a class-conditional digits model",
+    )
     p.add_argument("--per-class", type=int, default=50, help="samples of each digit")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier and the noise")
     args = p.parse_args(argv)
@@ -58,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     save_grid(rows.reshape(-1, *images.shape[1:]), run / "quickcheck.png", nrow=rows.shape[1], min_width=320)
     (run / "quickcheck.json").write_text(json.dumps(result, indent=2))
     print(f"digit classifier: {100 * result['classifier_test_accuracy']:.1f}% on held-out real digits")
-    print(f"samples drawn as their conditioning digit: {100 * result['sample_accuracy']:.1f}% "
-          f"of {result['samples']} (chance 10%)")
+    print(
+        f"samples drawn as their conditioning digit: {100 * result['sample_accuracy']:.1f}% "
+        f"of {result['samples']} (chance 10%)"
+    )
     print("per digit: " + "  ".join(f"{c}:{100 * a:.0f}%" for c, a in enumerate(result["per_class"])))
     print(f"wrote {run / 'quickcheck.json'} and {run / 'quickcheck.png'}")
     return 0

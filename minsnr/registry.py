@@ -5,7 +5,8 @@ validation, CLI `choices`, error messages and the README's table of choices all 
 from __future__ import annotations
 
 import difflib
-from typing import Collection, Iterable, Mapping, TypeVar
+from collections.abc import Collection, Iterable, Mapping
+from typing import TypeVar
 
 T = TypeVar("T")
 

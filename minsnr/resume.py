@@ -11,9 +11,10 @@ their step, and only then prunes the checkpoints that the new, re-read one super
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -73,12 +74,15 @@ def newest_checkpoint(ckpt_dir: Path, say: Say) -> Found | None:
         except ck.CheckpointError as err:
             skipped.append((path, str(err)))
             continue
-        found, older = Found(path, state), candidates[i + 1:]
+        found, older = Found(path, state), candidates[i + 1 :]
         break
     if found is None and skipped:
-        raise ck.CheckpointError(f"no checkpoint in {ckpt_dir} can be read: " + "; ".join(why for _, why in skipped)
-                                 + ". Nothing was deleted: move the unreadable files away to start again from "
-                                 "step 0, or give resume=PATH")
+        raise ck.CheckpointError(
+            f"no checkpoint in {ckpt_dir} can be read: "
+            + "; ".join(why for _, why in skipped)
+            + ". Nothing was deleted: move the unreadable files away to start again from "
+            "step 0, or give resume=PATH"
+        )
     for path, why in skipped:
         say(f"warning: skipped {path}: {why}")
     for step, path in older:  # not needed now, but named: the next save deletes them
@@ -113,8 +117,10 @@ def find_checkpoint(cfg: Config, ckpt_dir: Path, say: Say) -> Found | None:
         _check_state(path, state, None)
         return Found(path, state)
     if ck.step_files(ckpt_dir) or (ckpt_dir / "latest.pt").exists():
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints and resume=never; "
-                          "use resume=auto to continue or choose another run_dir")
+        raise ConfigError(
+            f"{ckpt_dir} already holds checkpoints and resume=never; "
+            "use resume=auto to continue or choose another run_dir"
+        )
     return None
 
 
@@ -128,8 +134,9 @@ def clean_temporaries(run_dir: Path, say: Say) -> None:
         say(f"removed {len(stale)} temporary file(s) left by interrupted saves in {run_dir}: {names}")
 
 
-def repair_export(run_dir: Path, ema: nn.Module, loss: TrainingLoss, cfg: Config, step: int,
-                  class_names: Sequence[str], say: Say) -> None:
+def repair_export(
+    run_dir: Path, ema: nn.Module, loss: TrainingLoss, cfg: Config, step: int, class_names: Sequence[str], say: Say
+) -> None:
     """Rewrite ema.safetensors (and loss_weight.safetensors for a stateful weighting) when missing, unreadable
     or behind the checkpoint resumed from (a kill during the last export leaves the previous one, and a run
     already at its last step saves no more)."""
@@ -144,7 +151,9 @@ def repair_export(run_dir: Path, ema: nn.Module, loss: TrainingLoss, cfg: Config
             if have > step:
                 say(f"{path} holds step {have}, past the checkpoint at step {step}; the next save replaces it")
             continue
-        why = "is missing" if not path.exists() else f"holds step {have}" if have is not None else "has no readable step"
+        why = (
+            "is missing" if not path.exists() else f"holds step {have}" if have is not None else "has no readable step"
+        )
         ck.export_safetensors(path, tensors, cfg, step, class_names)
         say(f"{path} {why}; rewrote it with the {what} of step {step}")
 
@@ -176,7 +185,7 @@ def prune(ckpt_dir: Path, keep: int, newest: Path, step: int, say: Say) -> None:
             path.unlink(missing_ok=True)
         elif ck.step_of(path) < step:
             readable.append(path)
-    for path in readable[:max(0, len(readable) - (keep - 1))]:
+    for path in readable[: max(0, len(readable) - (keep - 1))]:
         path.unlink(missing_ok=True)
 
 
@@ -195,5 +204,15 @@ def save(state: dict[str, Any], ema: nn.Module, loss: TrainingLoss, cfg: Config,
     return path
 
 
-__all__ = ["Found", "newest_checkpoint", "last_good", "describe_last_good", "find_checkpoint", "clean_temporaries",
-           "repair_export", "repair_latest", "prune", "save"]
+__all__ = [
+    "Found",
+    "newest_checkpoint",
+    "last_good",
+    "describe_last_good",
+    "find_checkpoint",
+    "clean_temporaries",
+    "repair_export",
+    "repair_latest",
+    "prune",
+    "save",
+]

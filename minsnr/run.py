@@ -53,28 +53,44 @@ def check_data_fits(cfg: Config, dataset: Any) -> None:
     m = cfg.model
     want = (m.in_channels, m.input_size, m.input_size)
     if tuple(dataset.shape) != want:
-        raise ConfigError(f"data gives images of shape {tuple(dataset.shape)} (C, H, W) but the model expects {want}; "
-                          f"set model.in_channels/model.input_size (or data.resolution)")
+        raise ConfigError(
+            f"data gives images of shape {tuple(dataset.shape)} (C, H, W) but the model expects {want}; "
+            f"set model.in_channels/model.input_size (or data.resolution)"
+        )
     if m.num_classes > 0 and dataset.num_classes == 0:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has no labels; set model.num_classes=0")
     if m.num_classes > 0 and dataset.num_classes != m.num_classes:
         names = ", ".join(dataset.class_names[:10]) + (" ..." if len(dataset.class_names) > 10 else "")
-        unused = (f"; {m.num_classes - dataset.num_classes} class rows would never be trained, yet sampling would draw "
-                  "them" if m.num_classes > dataset.num_classes else "")
-        raise ConfigError(f"data has {dataset.num_classes} classes ({names}) but model.num_classes={m.num_classes}"
-                          f"{unused}; set model.num_classes={dataset.num_classes}")
+        unused = (
+            f"; {m.num_classes - dataset.num_classes} class rows would never be trained, yet sampling would draw them"
+            if m.num_classes > dataset.num_classes
+            else ""
+        )
+        raise ConfigError(
+            f"data has {dataset.num_classes} classes ({names}) but model.num_classes={m.num_classes}"
+            f"{unused}; set model.num_classes={dataset.num_classes}"
+        )
 
 
-def optimizer(cfg: Config, model: nn.Module, loss: TrainingLoss, device: torch.device,
-              capturable: bool) -> torch.optim.Optimizer:
+def optimizer(
+    cfg: Config, model: nn.Module, loss: TrainingLoss, device: torch.device, capturable: bool
+) -> torch.optim.Optimizer:
     """AdamW (section 4.1): fused on CUDA with the learning rate in a device tensor (capturable when the step
     is captured), foreach on the CPU; the loss's own parameters (learned u(t)) in their group without weight
     decay; checkpoints stay portable between devices and step paths (`keep_run_settings`)."""
     o, cuda = cfg.optim, device.type == "cuda"
     lr = torch.tensor(o.lr, device=device) if cuda else o.lr
     groups: list[dict[str, Any]] = [{"params": list(model.parameters())}, *loss.param_groups()]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas),  # type: ignore[arg-type]
-                            eps=o.eps, weight_decay=o.weight_decay, fused=cuda, foreach=not cuda, capturable=capturable)
+    opt = torch.optim.AdamW(
+        groups,
+        lr=lr,
+        betas=tuple(o.betas),  # type: ignore[arg-type]
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=cuda,
+        foreach=not cuda,
+        capturable=capturable,
+    )
     keep_run_settings(opt)
     return opt
 
@@ -91,8 +107,9 @@ def build_run(cfg: Config) -> Run:
         torch.backends.cudnn.allow_tf32 = True
     threads_note = configure_threads(t.threads, device.type)
     if device.type != "cuda" and t.attention not in CPU_ATTENTION:
-        raise ConfigError(f"train.attention={t.attention} needs a CUDA device; on the CPU use one of "
-                          f"{', '.join(CPU_ATTENTION)}")
+        raise ConfigError(
+            f"train.attention={t.attention} needs a CUDA device; on the CPU use one of {', '.join(CPU_ATTENTION)}"
+        )
     dataset = build_dataset(cfg.data)
     check_data_fits(cfg, dataset)
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
@@ -103,11 +120,21 @@ def build_run(cfg: Config) -> Run:
     torch.manual_seed(t.seed + d.rank)  # each rank its own stream for dropout
     static, capture, step_note = plan_step(device.type, d.world, t.grad_accum, t.cuda_graph, t.compile, t.compile_mode)
     opt = optimizer(cfg, model, loss, device, capture)
-    batches, data_note = make_batches(dataset, t.batch_size, seed=t.seed, rank=d.rank, world_size=d.world,
-                                      device=device, num_workers=cfg.data.num_workers, setting=t.data_on_device)
+    batches, data_note = make_batches(
+        dataset,
+        t.batch_size,
+        seed=t.seed,
+        rank=d.rank,
+        world_size=d.world,
+        device=device,
+        num_workers=cfg.data.num_workers,
+        setting=t.data_on_device,
+    )
     notes = [f"speed: {data_note}; {step_note}; {threads_note}"]
     if loss.adaptive is not None and cfg.loss.gamma is not None:
-        notes.append(f"note: loss.gamma={cfg.loss.gamma} does not apply to loss.weighting={cfg.loss.weighting}; "
-                     "it is unused")
-    return Run(cfg, d.rank, d.world, device, bf16, dataset, batches, schedule, model, ema, loss, opt, static, capture,
-               notes)
+        notes.append(
+            f"note: loss.gamma={cfg.loss.gamma} does not apply to loss.weighting={cfg.loss.weighting}; it is unused"
+        )
+    return Run(
+        cfg, d.rank, d.world, device, bf16, dataset, batches, schedule, model, ema, loss, opt, static, capture, notes
+    )

@@ -7,16 +7,18 @@ steps; the bins are the tenths of the timesteps of the paper's figure 6 (minsnr.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from minsnr.files import WriteError, atomic_write
 from minsnr.extras import optional
+from minsnr.files import WriteError, atomic_write
 from minsnr.timesteps import NUM_BINS, bin_index, bin_name, bins
+
 
 class BinStats:
     """Sums of the weighted loss and of the unweighted x0 MSE per timestep bin, on the device."""
@@ -33,14 +35,16 @@ class BinStats:
         idx = self.bin_of_t[t]
         self.mse.index_add_(0, idx, mse_x0.detach().to(torch.float64))
         self.count.index_add_(0, idx, torch.ones_like(mse_x0, dtype=torch.float64))
-        self.loss += torch.stack([loss.detach().to(torch.float64), torch.ones((), dtype=torch.float64, device=loss.device)])
+        self.loss += torch.stack(
+            [loss.detach().to(torch.float64), torch.ones((), dtype=torch.float64, device=loss.device)]
+        )
 
     def read_and_reset(self) -> dict[str, float]:
         """One host sync; sums over DDP ranks when distributed (every rank must call it)."""
         packed = torch.cat([self.mse, self.count, self.loss])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
-        mse, count, loss = packed[:NUM_BINS], packed[NUM_BINS:2 * NUM_BINS], packed[2 * NUM_BINS:]
+        mse, count, loss = packed[:NUM_BINS], packed[NUM_BINS : 2 * NUM_BINS], packed[2 * NUM_BINS :]
         out = {"loss": (loss[0] / loss[1].clamp(min=1)).item()}
         for k, (m, c) in enumerate(zip(mse.tolist(), count.tolist())):
             if c > 0:
@@ -86,7 +90,9 @@ class MetricsLog:
             kept = [r for r in records if r.get("step", 0) <= resume_step]
             text = "".join(json.dumps(r) + "\n" for r in kept)
             if len(kept) < len(records):
-                say(f"{self.path}: dropped {len(records) - len(kept)} records past step {resume_step} (they are redone)")
+                say(
+                    f"{self.path}: dropped {len(records) - len(kept)} records past step {resume_step} (they are redone)"
+                )
             if text != self.path.read_text():
                 atomic_write(self.path, lambda f: f.write(text.encode()))
         self.writer: Any = None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +47,9 @@ def _call(denoiser: Denoiser, x: Tensor, sigma: float, cond: dict[str, Any]) -> 
     return denoiser(x, x.new_full((x.shape[0],), sigma), **cond)
 
 
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[dict[str, Any]] = None,
-                 progress: bool = False) -> Tensor:
+def sample_euler(
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: dict[str, Any] | None = None, progress: bool = False
+) -> Tensor:
     """First-order Euler steps of the probability flow ODE."""
     s, cond = _host_sigmas(sigmas), cond or {}
     for i in tqdm(range(len(s) - 1), disable=not progress, leave=False):
@@ -56,9 +58,18 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[d
     return x
 
 
-def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[dict[str, Any]] = None,
-                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-                generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
+def sample_heun(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: dict[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """EDM Algorithm 2: Heun's second-order method, Euler on the last step to sigma = 0.
 
     With s_churn > 0 noise is added to raise sigma by a factor (1 + gamma) in [s_tmin, s_tmax]
@@ -81,8 +92,9 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[di
     return x
 
 
-def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Optional[dict[str, Any]] = None,
-                progress: bool = False) -> Tensor:
+def sample_ddim(
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: dict[str, Any] | None = None, progress: bool = False
+) -> Tensor:
     """DDIM with eta = 0 (Song et al. eq. 12) in the VE view: x' = x0_hat + sigma' eps_hat.
 
     In this view it coincides with an Euler step of the ODE (Karras et al. sec. 3); kept under its
@@ -112,8 +124,9 @@ class VPDenoiser:
     that embed t with a table (nn.Embedding).
     """
 
-    def __init__(self, model: nn.Module | Callable[..., Tensor], schedule: Schedule, target: str,
-                 round_timesteps: bool = False):
+    def __init__(
+        self, model: nn.Module | Callable[..., Tensor], schedule: Schedule, target: str, round_timesteps: bool = False
+    ):
         self.model, self.schedule, self.target, self.round = model, schedule, target, round_timesteps
 
     def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -144,11 +157,24 @@ class CFGDenoiser:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, schedule: Schedule, target: str, labels: Tensor | None, *,
-             shape: tuple[int, ...], sampler: str = DEFAULT_SAMPLER, steps: int = 30, cfg_scale: float = 1.0,
-             num_classes: int = 0, generator: torch.Generator | None = None, sigma_max: float | None = None,
-             device: torch.device | str | None = None, progress: bool = False,
-             round_timesteps: bool = False, noise: Tensor | None = None) -> Tensor:
+def generate(
+    model: nn.Module,
+    schedule: Schedule,
+    target: str,
+    labels: Tensor | None,
+    *,
+    shape: tuple[int, ...],
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = 30,
+    cfg_scale: float = 1.0,
+    num_classes: int = 0,
+    generator: torch.Generator | None = None,
+    sigma_max: float | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    round_timesteps: bool = False,
+    noise: Tensor | None = None,
+) -> Tensor:
     """shape[0] samples in model space (pixels in [-1, 1] or scaled latents), float32 [N, ...] on `device`.
     The starting noise is `noise` (standard normal, `shape`) when given, else drawn from `generator`.
 

@@ -59,8 +59,14 @@ def _done(f: float, gap: float, tol: float, scale: float) -> bool:
     return min(gap, f) <= max(tol * f, _FLOOR * scale)  # f - f* <= min(gap, f) as f* >= 0
 
 
-def frank_wolfe(gram: ArrayLike, lam: float = 0.0, *, variant: Literal["pairwise", "away", "plain"] = "pairwise",
-                tol: float = 1e-10, max_iter: int = 100_000) -> Solution:
+def frank_wolfe(
+    gram: ArrayLike,
+    lam: float = 0.0,
+    *,
+    variant: Literal["pairwise", "away", "plain"] = "pairwise",
+    tol: float = 1e-10,
+    max_iter: int = 100_000,
+) -> Solution:
     """Minimise equation 11 on the simplex by Frank-Wolfe with exact line search (Lacoste-Julien & Jaggi 2015).
 
     pairwise: move mass from the worst active vertex to the best vertex; away: either toward the best
@@ -105,8 +111,15 @@ def frank_wolfe(gram: ArrayLike, lam: float = 0.0, *, variant: Literal["pairwise
         w /= w.sum()
 
 
-def ugd(gram: ArrayLike, lam: float = 0.0, *, lr: float = 0.3, tol: float = 1e-5, max_iter: int = 50_000,
-        patience: int = 100) -> Solution:
+def ugd(
+    gram: ArrayLike,
+    lam: float = 0.0,
+    *,
+    lr: float = 0.3,
+    tol: float = 1e-5,
+    max_iter: int = 50_000,
+    patience: int = 100,
+) -> Solution:
     """Equations 12-13: w = softmax(beta), Adam on beta; lr halves after `patience` steps without improvement.
 
     beta is unconstrained, so weights reach 0 only in the limit and convergence is slower than

@@ -13,15 +13,16 @@ which checkpoint file to load and puts saved files in place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from minsnr import checkpoint as ck
+import minsnr.checkpoint as ck
 from minsnr.config import Config, to_dict
 from minsnr.loss import TrainingLoss
 
@@ -46,9 +47,18 @@ class TrainState:
         if self.world > 1:
             ranks = [torch.empty_like(rng["torch"]) for _ in range(self.world)]
             dist.all_gather_object(ranks, rng["torch"])  # type: ignore[arg-type]
-        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                 "step": self.step, "config": ck.identity_config(self.cfg), "rng": rng, "rng_ranks": ranks,
-                 "data": self.batches.state_dict(), "class_names": list(self.class_names), "version": ck.VERSION}
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "config": ck.identity_config(self.cfg),
+            "rng": rng,
+            "rng_ranks": ranks,
+            "data": self.batches.state_dict(),
+            "class_names": list(self.class_names),
+            "version": ck.VERSION,
+        }
         loss_state = self.loss.state_dict()  # not part of the EMA (docs/math.md)
         if loss_state is not None:
             state["loss_weighting"] = loss_state
@@ -60,15 +70,19 @@ class TrainState:
         cfg = self.cfg
         stored = state["config"].get("model")
         if stored != to_dict(cfg)["model"]:
-            raise ck.CheckpointError(f"{path} was trained with model {stored}, but this config says "
-                                     f"{to_dict(cfg)['model']}; use another run_dir or the same model section")
+            raise ck.CheckpointError(
+                f"{path} was trained with model {stored}, but this config says "
+                f"{to_dict(cfg)['model']}; use another run_dir or the same model section"
+            )
         ck.strict_load(self.model, state["model"], f"{path} (model)")
         ck.strict_load(self.ema, state["ema"], f"{path} (ema)")
         has = "loss_weighting" in state
         if (self.loss.adaptive is not None) != has:
-            raise ck.CheckpointError(f"{path} was trained {'with' if has else 'without'} a stateful loss weighting, "
-                                     f"but loss.weighting={cfg.loss.weighting}; resume with the weighting it was "
-                                     "trained with, or use another run_dir")
+            raise ck.CheckpointError(
+                f"{path} was trained {'with' if has else 'without'} a stateful loss weighting, "
+                f"but loss.weighting={cfg.loss.weighting}; resume with the weighting it was "
+                "trained with, or use another run_dir"
+            )
         if has:
             ck.strict_load(self.loss, state["loss_weighting"], f"{path} (loss_weighting)")
         try:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, ContextManager, Optional
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +40,7 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_threads(device_type: str, cores: int) -> Optional[int]:
+def default_threads(device_type: str, cores: int) -> int | None:
     """train.threads=0: a CUDA run takes max(1, min(4, cores // 4)) threads, so four runs fit the cores;
     a CPU run keeps torch's default (None)."""
     return max(1, min(4, cores // 4)) if device_type == "cuda" else None
@@ -54,8 +56,9 @@ def configure_threads(threads: int, device_type: str) -> str:
     return f"{torch.get_num_threads()} CPU threads ({why})"
 
 
-def plan_step(device_type: str, world: int, grad_accum: int, cuda_graph: bool, compile: bool,
-              compile_mode: str) -> tuple[bool, bool, str]:
+def plan_step(
+    device_type: str, world: int, grad_accum: int, cuda_graph: bool, compile: bool, compile_mode: str
+) -> tuple[bool, bool, str]:
     """(static step?, capture it as a CUDA graph?, the log phrase saying why)."""
     if world > 1:
         return False, False, f"eager step ({world} DDP ranks: a CUDA graph of the step needs one process)"
@@ -70,14 +73,18 @@ def plan_step(device_type: str, world: int, grad_accum: int, cuda_graph: bool, c
     return True, True, f"the whole step as one CUDA graph after {WARMUP} eager steps"
 
 
-def attention(backend: str) -> ContextManager[Any]:
+def attention(backend: str) -> AbstractContextManager[Any]:
     """The context that restricts scaled_dot_product_attention to `backend` (a name of ATTENTION)."""
     if backend == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     return sdpa_kernel(names[backend])
 
 
@@ -124,16 +131,24 @@ class StaticStep:
     `zero_grad` sets gradients to None after each eager step, and before the capture so that backward
     allocates them in the graph's pool and every replay writes them afresh."""
 
-    def __init__(self, body: Callable[..., Tensor], zero_grad: Callable[[], None], *, capture: bool,
-                 device: torch.device, log: Callable[[str], None], warmup: int = WARMUP) -> None:
+    def __init__(
+        self,
+        body: Callable[..., Tensor],
+        zero_grad: Callable[[], None],
+        *,
+        capture: bool,
+        device: torch.device,
+        log: Callable[[str], None],
+        warmup: int = WARMUP,
+    ) -> None:
         self.body, self.zero_grad, self.capture, self.log, self.warmup = body, zero_grad, capture, log, warmup
-        self.buffers: Optional[list[Optional[Tensor]]] = None
+        self.buffers: list[Tensor | None] | None = None
         self.graph: Any = None
-        self.out: Optional[Tensor] = None
+        self.out: Tensor | None = None
         self.calls = 0
         self.stream = torch.cuda.Stream(device) if capture and device.type == "cuda" else None
 
-    def __call__(self, *inputs: Optional[Tensor]) -> Tensor:
+    def __call__(self, *inputs: Tensor | None) -> Tensor:
         if self.buffers is None:
             self.buffers = [None if x is None else x.clone() for x in inputs]
         else:
@@ -147,8 +162,10 @@ class StaticStep:
             except Exception as err:  # e.g. an op that cannot be captured: keep training, eagerly
                 self.capture, self.graph = False, None
                 self.zero_grad()
-                self.log(f"CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                         "running the static step eagerly")
+                self.log(
+                    f"CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    "running the static step eagerly"
+                )
         if self.graph is not None:
             self.graph.replay()
             return self.out  # type: ignore[return-value]

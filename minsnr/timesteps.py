@@ -20,8 +20,8 @@ Every other distribution changes the objective to sum_t p(t) w(t) E||target - pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -98,13 +98,16 @@ def check_weighting(distribution: str | Distribution, weighting: Strategy) -> No
     dist = lookup(TIMESTEPS, distribution, "loss.timesteps") if isinstance(distribution, str) else distribution
     if dist.same_objective and isinstance(weighting, str) and weighting in ADAPTIVE:
         others = ", ".join(name for name, d in TIMESTEPS.items() if not d.same_objective)
-        raise ValueError(f"loss.timesteps={distribution} needs a fixed weight to sample t from, but loss.weighting="
-                         f"{weighting} changes its weight while training; use loss.timesteps={others} or a "
-                         "fixed weighting")
+        raise ValueError(
+            f"loss.timesteps={distribution} needs a fixed weight to sample t from, but loss.weighting="
+            f"{weighting} changes its weight while training; use loss.timesteps={others} or a "
+            "fixed weighting"
+        )
 
 
-def make_timesteps(distribution: str | Distribution, schedule: Schedule, weighting: Strategy, gamma: float | None,
-                   target: str) -> Timesteps:
+def make_timesteps(
+    distribution: str | Distribution, schedule: Schedule, weighting: Strategy, gamma: float | None, target: str
+) -> Timesteps:
     """The named distribution (a key of TIMESTEPS) for this schedule, weighting and target. A stateful
     weighting (weighting.ADAPTIVE) is drawn for by its fixed base strategy (`check_weighting` first)."""
     check_weighting(distribution, weighting)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,7 @@ class Hook:
     """Called on rank 0 every `every` steps (and after the last step); may return metrics to log."""
 
     every: int
-    fn: Callable[[HookContext], Optional[dict[str, float]]]
+    fn: Callable[[HookContext], dict[str, float] | None]
 
 
 class Trainer:
@@ -84,8 +85,17 @@ class Trainer:
         self.dataset, self.batches, self.schedule = parts.dataset, parts.batches, parts.schedule
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.state = TrainState(cfg, self.model, self.ema, self.opt, self.loss, self.batches, self.dataset.class_names,
-                                self.rank, self.world)
+        self.state = TrainState(
+            cfg,
+            self.model,
+            self.ema,
+            self.opt,
+            self.loss,
+            self.batches,
+            self.dataset.class_names,
+            self.rank,
+            self.world,
+        )
         self._resume()
         self.ddp = self._wrap_ddp(self.model)
         self.net = torch.compile(self.ddp, mode=cfg.train.compile_mode) if cfg.train.compile else self.ddp
@@ -94,8 +104,11 @@ class Trainer:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.done = torch.full((), self.step, dtype=torch.long, device=self.device)  # steps taken, for the flag
         self.ema_weight = torch.zeros((), device=self.device)  # 1 - EMA decay of the coming step
-        self.static = StaticStep(self._static_body, self._zero_grad, capture=parts.capture, device=self.device,
-                                 log=self._print) if parts.static else None
+        self.static = (
+            StaticStep(self._static_body, self._zero_grad, capture=parts.capture, device=self.device, log=self._print)
+            if parts.static
+            else None
+        )
         for note in parts.notes:
             self._print(note)
         self.stop_requested = False
@@ -111,7 +124,9 @@ class Trainer:
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
             return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     # ---- resume (minsnr.resume finds the file, minsnr.state loads it) ---------------------------------
     def _resume(self) -> None:
@@ -124,8 +139,9 @@ class Trainer:
         if self.rank == 0 and self.cfg.resume == "auto":
             resume.repair_latest(self.ckpt_dir, found.path, self._print)
         if self.rank == 0:
-            resume.repair_export(self.run_dir, self.ema, self.loss, self.cfg, self.step, self.dataset.class_names,
-                                 self._print)
+            resume.repair_export(
+                self.run_dir, self.ema, self.loss, self.cfg, self.step, self.dataset.class_names, self._print
+            )
         self._print(f"resumed from {found.path} at step {self.step}")
 
     # ---- one optimiser step ---------------------------------------------------------------------
@@ -154,11 +170,14 @@ class Trainer:
             self._zero_grad()
         self.step += 1
 
-    def _forward_backward(self, x: Tensor, y: Optional[Tensor], t: Tensor, noise: Tensor, accum: int,
-                          cache: bool = True) -> None:
+    def _forward_backward(
+        self, x: Tensor, y: Tensor | None, t: Tensor, noise: Tensor, accum: int, cache: bool = True
+    ) -> None:
         """Backward of one micro-batch's weighted loss / accum; bin statistics and the non-finite flag."""
-        with attention(self.cfg.train.attention), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                                 enabled=self.parts.bf16, cache_enabled=cache):
+        with (
+            attention(self.cfg.train.attention),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.parts.bf16, cache_enabled=cache),
+        ):
             out = self.loss(self.net, x, y, t=t, noise=noise)
             (out.loss / accum).backward()
         self.stats.add(out.t, out.mse_x0, out.loss)
@@ -175,7 +194,7 @@ class Trainer:
         update_ema(self.ema, self.model, self.ema_weight)
         return grad_norm
 
-    def _static_body(self, x: Tensor, y: Optional[Tensor], t: Tensor, noise: Tensor) -> Tensor:
+    def _static_body(self, x: Tensor, y: Tensor | None, t: Tensor, noise: Tensor) -> Tensor:
         """The whole step on static buffers; captured as a CUDA graph (autocast's cast cache off, as
         capture needs)."""
         self._forward_backward(x, y, t, noise, 1, cache=False)
@@ -184,7 +203,7 @@ class Trainer:
     def _zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
 
-    def _micro_batch(self, micro: int) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    def _micro_batch(self, micro: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """(x0, labels after dropout or None, t, noise) of this rank. The randomness is drawn for the
         global batch from a generator seeded by (seed, step, micro) and each rank keeps its interleaved
         share, as the data does: any number of ranks, and a resumed run, see the same numbers."""
@@ -196,7 +215,11 @@ class Trainer:
         t = self.loss.timesteps.draw(n, self.gen)[rank::world]
         noise = torch.randn((n, *x.shape[1:]), device=self.device, generator=self.gen)[rank::world]
         u = torch.rand(n, device=self.device, generator=self.gen)[rank::world]
-        y = drop_labels(labels, cfg.loss.label_dropout, cfg.model.num_classes, uniform=u) if cfg.model.num_classes > 0 else None
+        y = (
+            drop_labels(labels, cfg.loss.label_dropout, cfg.model.num_classes, uniform=u)
+            if cfg.model.num_classes > 0
+            else None
+        )
         return x, y, t, noise
 
     def _flag_nonfinite(self, value: torch.Tensor) -> None:
@@ -211,8 +234,11 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if int(bad) >= 0:
             where = resume.describe_last_good(self.ckpt_dir)
-            raise NonFiniteLoss(f"non-finite loss or gradient at step {int(bad)}; training stopped, {where}. "
-                                "Try a lower optim.lr, optim.grad_clip, or train.precision=fp32.", int(bad))
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient at step {int(bad)}; training stopped, {where}. "
+                "Try a lower optim.lr, optim.grad_clip, or train.precision=fp32.",
+                int(bad),
+            )
 
     # ---- the run --------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
@@ -231,8 +257,13 @@ class Trainer:
         """Check for non-finite values, then the loss and per-bin x0 MSE (figure 6) since the last read."""
         self.check_finite()
         metrics = self.stats.read_and_reset()
-        metrics.update(lr=self._lr(), grad_norm=float(self.grad_norm), epoch=self.batches.epoch,
-                       bad_images=len(self.batches.bad_files), img_per_s=img_per_s)
+        metrics.update(
+            lr=self._lr(),
+            grad_norm=float(self.grad_norm),
+            epoch=self.batches.epoch,
+            bad_images=len(self.batches.bad_files),
+            img_per_s=img_per_s,
+        )
         metrics.update(self.loss.metrics())
         return metrics
 
@@ -240,7 +271,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.rank != 0:
             return metrics
-        ctx = HookContext(self.step, self.model, self.ema, self.cfg, self.schedule, self.device, self.run_dir, self.dataset)
+        ctx = HookContext(
+            self.step, self.model, self.ema, self.cfg, self.schedule, self.device, self.run_dir, self.dataset
+        )
         for hook in self.hooks:
             if hook.every > 0 and (self.step % hook.every == 0 or final):
                 try:
@@ -249,8 +282,10 @@ class Trainer:
                     raise
                 except Exception as err:  # a preview or evaluation must not cost the run its checkpoints
                     name = getattr(hook.fn, "__qualname__", repr(hook.fn)).replace(".<locals>", "")
-                    self._print(f"warning: {name} failed at step {self.step} ({type(err).__name__}: {err}); "
-                                "training goes on without its output")
+                    self._print(
+                        f"warning: {name} failed at step {self.step} ({type(err).__name__}: {err}); "
+                        "training goes on without its output"
+                    )
         return metrics
 
     def _request_stop(self, signum: int, frame: Any) -> None:
@@ -259,7 +294,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        log: Optional[MetricsLog] = None
+        log: MetricsLog | None = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")

@@ -28,7 +28,7 @@ its true limit; const/eps at SNR = 0 is 1e10 (the true limit is infinite).
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ DEFAULT_TARGET = "x0"  # the paper's default (section 4.1)
 DEFAULT_WEIGHTING = "min_snr"  # with STRATEGIES' default gamma, 5
 
 WeightFn = Callable[[Tensor], Tensor]
-Strategy = Union[str, WeightFn]
+Strategy = str | WeightFn
 
 
 def _plain(snr: Tensor, gamma: float, target: str) -> Tensor:
@@ -71,8 +71,9 @@ def parse_weighting(text: str) -> tuple[str, float | None]:
     naming what is wrong. Only strategies with a default gamma take one, and it must be > 0."""
     name, colon, gamma_text = text.partition(":")
     if name not in WEIGHTINGS:
-        raise ValueError(f"{name!r} is not a weighting{did_you_mean(name, WEIGHTINGS)}; choose from "
-                         f"{', '.join(WEIGHTINGS)}")
+        raise ValueError(
+            f"{name!r} is not a weighting{did_you_mean(name, WEIGHTINGS)}; choose from {', '.join(WEIGHTINGS)}"
+        )
     if not colon:
         return name, None
     takes = [n for n, (_, g) in STRATEGIES.items() if g is not None]
@@ -95,8 +96,10 @@ def _x0_weight(snr: Tensor, strategy: Strategy, gamma: float | None, target: str
     if callable(strategy):
         return strategy(snr).to(snr.dtype)
     if strategy in ADAPTIVE:
-        raise ValueError(f"weighting {strategy!r} has no fixed weight: its state is trained with the model "
-                         "(minsnr.adaptive); pass diffusion_loss(..., adaptive=...) or a fixed strategy")
+        raise ValueError(
+            f"weighting {strategy!r} has no fixed weight: its state is trained with the model "
+            "(minsnr.adaptive); pass diffusion_loss(..., adaptive=...) or a fixed strategy"
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown weighting {strategy!r}; valid names: {', '.join(STRATEGIES)} or a callable")
     fn, default_gamma = STRATEGIES[strategy]

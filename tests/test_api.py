@@ -22,8 +22,15 @@ PUBLIC = {
     "minsnr.weighting": ["loss_weight", "x0_weight"],
     "minsnr.loss": ["diffusion_loss", "TrainingLoss"],
     "minsnr.objective": ["q_sample", "predict_x0", "predict_eps", "convert", "drop_labels"],
-    "minsnr.sampling": ["karras_sigmas", "sample_heun", "sample_euler", "sample_ddim", "generate", "VPDenoiser",
-                        "CFGDenoiser"],
+    "minsnr.sampling": [
+        "karras_sigmas",
+        "sample_heun",
+        "sample_euler",
+        "sample_ddim",
+        "generate",
+        "VPDenoiser",
+        "CFGDenoiser",
+    ],
     "minsnr.models": ["create_model", "MODELS"],
     "minsnr.checkpoint": ["load_model"],
     "minsnr.config": ["load_config", "Config"],
@@ -33,8 +40,9 @@ NAMES = [name for names in PUBLIC.values() for name in names]
 
 def _python(code: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                          cwd=ROOT).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, cwd=ROOT
+    ).stdout
 
 
 def test_dir_lists_exactly_the_public_api():
@@ -83,8 +91,10 @@ def test_readme_training_loop_example_runs():
     # the loss is Min-SNR-5 for the x0 target: min(SNR, 5) with SNR from the cosine closed form (section 3.4)
     assert out.t.dtype == torch.int64
     f = [math.cos((u / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2 for u in range(1001)]
-    alpha_bar = torch.tensor(list(accumulate((1 - min(1 - f[i + 1] / f[i], 0.999) for i in range(1000)),
-                                             lambda a, b: a * b)), dtype=torch.float64)
+    alpha_bar = torch.tensor(
+        list(accumulate((1 - min(1 - f[i + 1] / f[i], 0.999) for i in range(1000)), lambda a, b: a * b)),
+        dtype=torch.float64,
+    )
     snr = (alpha_bar / (1 - alpha_bar))[out.t]
     torch.testing.assert_close(out.weight.double(), snr.clamp(max=5.0), rtol=1e-3, atol=0)
     assert images.shape == (10, 1, 8, 8) and images.dtype == torch.float32 and torch.isfinite(images).all()

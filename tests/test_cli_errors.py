@@ -43,10 +43,18 @@ def parse_only(monkeypatch):
     return parse
 
 
-MINIMAL = {"train": ["c.yaml"], "sample": ["c.pt"], "fid": ["s.npz", "--ref", "r.npz"],
-           "train-classifier": ["digits", "--out", "o"], "losses": ["c.pt"], "plot": ["r"],
-           "encode": ["--data", "d", "--out", "o"], "pareto": ["c.pt"], "conflict": ["c.pt"],
-           "minsnr.quickcheck": []}
+MINIMAL = {
+    "train": ["c.yaml"],
+    "sample": ["c.pt"],
+    "fid": ["s.npz", "--ref", "r.npz"],
+    "train-classifier": ["digits", "--out", "o"],
+    "losses": ["c.pt"],
+    "plot": ["r"],
+    "encode": ["--data", "d", "--out", "o"],
+    "pareto": ["c.pt"],
+    "conflict": ["c.pt"],
+    "minsnr.quickcheck": [],
+}
 
 
 @pytest.mark.parametrize("verb", list(MINIMAL))
@@ -62,8 +70,19 @@ def test_help_shows_every_default(verb, parse_only):
 
 HOME_PATHS = {
     "sample": ["~/c.pt", "--out", "~/s.npz", "--png-dir", "~/png", "--grid", "~/g.png", "--latents", "~/lat"],
-    "fid": ["~/s.npz", "--ref", "~/r.npz", "--classifier", "~/cls", "--inception-weights", "~/w.pth",
-            "--json", "~/f.json", "--cache-dir", "~/cache"],
+    "fid": [
+        "~/s.npz",
+        "--ref",
+        "~/r.npz",
+        "--classifier",
+        "~/cls",
+        "--inception-weights",
+        "~/w.pth",
+        "--json",
+        "~/f.json",
+        "--cache-dir",
+        "~/cache",
+    ],
     "train-classifier": ["~/d.npz", "--out", "~/cls"],
     "losses": ["~/a.pt", "~/b.pt", "--data", "~/held", "--out", "~/losses"],
     "plot": ["~/r1", "~/r2", "--out", "~/plot"],
@@ -119,23 +138,37 @@ def gray_folder(root: Path, classes: tuple[str, ...], per_class: int, broken: in
     return bad
 
 
-TINY = ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.batch_size=4", "train.steps=2",
-        "log.tensorboard=false", "sample.steps=2", "data.hflip=false"]
+TINY = [
+    "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+    "train.batch_size=4",
+    "train.steps=2",
+    "log.tensorboard=false",
+    "sample.steps=2",
+    "data.hflip=false",
+]
 
 
 def test_model_with_more_classes_than_the_data_is_refused(tmp_path, capsys):
     from minsnr.launch import main as train_main
 
     gray_folder(tmp_path / "pets", ("cat", "dog"), 4)
-    code = train_main([str(ROOT / "configs" / "quickstart.yaml"), *TINY, f"run_dir={tmp_path / 'run'}",
-                       "data.source=folder", f"data.path={tmp_path / 'pets'}", "model.num_classes=10"])
+    code = train_main(
+        [
+            str(ROOT / "configs" / "quickstart.yaml"),
+            *TINY,
+            f"run_dir={tmp_path / 'run'}",
+            "data.source=folder",
+            f"data.path={tmp_path / 'pets'}",
+            "model.num_classes=10",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "data has 2 classes (cat, dog) but model.num_classes=10" in err, err
     assert "set model.num_classes=2" in err and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_too_many_unreadable_images_name_both_fixes(tmp_path):
-    from minsnr.data import Batches, BadImagesError, FolderDataset
+    from minsnr.data import BadImagesError, Batches, FolderDataset
 
     bad = gray_folder(tmp_path / "imgs", ("a", "b"), 10, broken=3)
     batches = Batches(FolderDataset(tmp_path / "imgs", max_bad_fraction=0.05), 20, seed=0)
@@ -159,7 +192,10 @@ def test_losses_and_encode_name_their_data_flag(tmp_path, capsys):
 
     ckpt = make_checkpoint(tmp_path / "c.pt")
     (tmp_path / "notes.txt").write_text("not data")
-    for data, what in [(tmp_path / "nope", "not found"), (tmp_path / "notes.txt", "is neither an .npz file nor a folder")]:
+    for data, what in [
+        (tmp_path / "nope", "not found"),
+        (tmp_path / "notes.txt", "is neither an .npz file nor a folder"),
+    ]:
         assert losses.main([str(ckpt), "--data", str(data), "--out", str(tmp_path / "l"), "--device", "cpu"]) == 1
         err = capsys.readouterr().err
         assert f"--data {data} {what}" in err and "data.path" not in err, err
@@ -174,8 +210,9 @@ def test_fid_checks_the_classifier_shape_before_any_feature(tmp_path, monkeypatc
 
     x, y, _, _ = classifier.load_labelled("digits")
     clf = classifier.train_classifier(x[:64], y[:64], epochs=1)
-    classifier.save_classifier(clf, tmp_path / "digits", {"image_shape": [8, 8, 1], "num_classes": 10,
-                                                          "width": 16, "feature_dim": 128})
+    classifier.save_classifier(
+        clf, tmp_path / "digits", {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128}
+    )
     np.savez(tmp_path / "ref.npz", arr_0=x[:50])
     np.savez(tmp_path / "big.npz", arr_0=np.zeros((20, 16, 16, 1), np.uint8))
     calls = []
@@ -202,8 +239,9 @@ def test_preview_every_zero_still_writes_the_final_grid(tmp_path):
     from minsnr.hooks import build_hooks
     from minsnr.train import train
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY, f"run_dir={tmp_path}", "log.preview_every=0",
-                                                             "train.steps=3"])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", [*TINY, f"run_dir={tmp_path}", "log.preview_every=0", "train.steps=3"]
+    )
     train(cfg, build_hooks(cfg))
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step_000000003.png"]  # once, at the end
     with Image.open(tmp_path / "samples.png") as im:
@@ -221,11 +259,23 @@ def test_train_classifier_shows_progress(tmp_path, capsys):
 def test_training_warnings_go_through_the_progress_bar(tmp_path):
     """A skipped-file warning must start its own line, not follow the bar's text on the same line."""
     gray_folder(tmp_path / "imgs", ("a", "b"), 8, broken=1)
-    cmd = [sys.executable, "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *TINY,
-           f"run_dir={tmp_path / 'run'}", "data.source=folder", f"data.path={tmp_path / 'imgs'}",
-           "model.num_classes=2", "data.max_bad_fraction=0.2", "log.preview_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minsnr",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        *TINY,
+        f"run_dir={tmp_path / 'run'}",
+        "data.source=folder",
+        f"data.path={tmp_path / 'imgs'}",
+        "model.num_classes=2",
+        "data.max_bad_fraction=0.2",
+        "log.preview_every=0",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [seg for line in res.stderr.splitlines() for seg in line.split("\r") if "skipping unreadable" in seg]
-    assert len(lines) == 1 and lines[0].startswith("WARNING minsnr.data.loader: skipping unreadable image"), \
-        res.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("WARNING minsnr.data.loader: skipping unreadable image"), res.stderr[
+        -3000:
+    ]

@@ -13,8 +13,14 @@ def test_presets_run_each_target_with_its_baseline_and_min_snr(name):
     cfg = load_config(path)
     assert check_base(cfg) == (cfg, [])  # nothing to adjust
     runs = [(s.name, s.reference, s.gamma) for s in run_matrix(settings, cfg.loss.gamma)]
-    assert runs == [("x0_const", True, None), ("x0_min_snr", False, 5.0), ("eps_snr", True, None),
-                    ("eps_min_snr", False, 5.0), ("v_plain", True, None), ("v_min_snr", False, 5.0)]
+    assert runs == [
+        ("x0_const", True, None),
+        ("x0_min_snr", False, 5.0),
+        ("eps_snr", True, None),
+        ("eps_min_snr", False, 5.0),
+        ("v_plain", True, None),
+        ("v_min_snr", False, 5.0),
+    ]
     assert cfg.train.steps % cfg.log.eval_every == 0 and cfg.checkpoint.every <= cfg.log.eval_every
 
 

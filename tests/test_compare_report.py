@@ -16,12 +16,15 @@ CPU = PACKAGED_CONFIGS / "compare" / "cpu.yaml"
 STEPS = list(range(100, 1201, 100))
 
 
-def write_run(root: Path, seed: int, name: str, steps: list[int], values: list[float], state: str,
-              step: int | None) -> None:
+def write_run(
+    root: Path, seed: int, name: str, steps: list[int], values: list[float], state: str, step: int | None
+) -> None:
     folder = run_folder(root, seed, name)
     folder.mkdir(parents=True)
-    lines = [json.dumps({"step": s, "loss": 0.1}) + "\n" + json.dumps({"step": s, "fid_cls": v, "cls_acc": 0.5})
-             for s, v in zip(steps, values)]
+    lines = [
+        json.dumps({"step": s, "loss": 0.1}) + "\n" + json.dumps({"step": s, "fid_cls": v, "cls_acc": 0.5})
+        for s, v in zip(steps, values)
+    ]
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (folder / STATUS).write_text(json.dumps({"state": state, "step": step, "message": ""}))
 
@@ -74,18 +77,26 @@ def test_run_names_seeds_and_folders(tmp_path):
 
 
 def test_timestep_distributions_and_a_chosen_reference(tmp_path):
-    settings = Settings(targets=["eps"], weightings=["min_snr:1", "const@logit_normal", "min_snr@importance"],
-                        reference="min_snr")
+    settings = Settings(
+        targets=["eps"], weightings=["min_snr:1", "const@logit_normal", "min_snr@importance"], reference="min_snr"
+    )
     specs = run_matrix(settings, None)
     assert [(s.name, s.timesteps, s.reference) for s in specs] == [
-        ("eps_min_snr", None, True), ("eps_min_snr_g1", None, False),  # the reference is added first
-        ("eps_const@logit_normal", "logit_normal", False), ("eps_min_snr@importance", "importance", False)]
+        ("eps_min_snr", None, True),
+        ("eps_min_snr_g1", None, False),  # the reference is added first
+        ("eps_const@logit_normal", "logit_normal", False),
+        ("eps_min_snr@importance", "importance", False),
+    ]
     base = load_config(CPU, [f"run_dir={tmp_path}"])
     cfgs = {s.name: run_config(base, s, tmp_path, None, 1) for s in specs}
     assert cfgs["eps_const@logit_normal"].loss.timesteps == "logit_normal"
     assert cfgs["eps_min_snr"].loss.timesteps == base.loss.timesteps == "uniform"
-    for name, speed in [("eps_min_snr", 1.0), ("eps_min_snr_g1", 1.5), ("eps_const@logit_normal", 0.2),
-                        ("eps_min_snr@importance", 1.0)]:
+    for name, speed in [
+        ("eps_min_snr", 1.0),
+        ("eps_min_snr_g1", 1.5),
+        ("eps_const@logit_normal", 0.2),
+        ("eps_min_snr@importance", 1.0),
+    ]:
         write_run(tmp_path, 0, name, STEPS, falling(speed, 0.0), "finished", 1200)
     result = report.build(tmp_path, specs, [0], {"steps": 1200, "eval_every": 100}, "fid_cls")
     runs = {r["name"]: r for r in result["runs"]}
@@ -100,12 +111,19 @@ def test_timestep_distributions_and_a_chosen_reference(tmp_path):
 
 
 def test_stateful_weightings_race_but_not_with_importance_sampling():
-    specs = run_matrix(Settings(targets=["x0"], weightings=["learned", "pareto@logit_normal"], reference="min_snr"), 5.0)
-    assert [(s.name, s.gamma) for s in specs] == [("x0_min_snr", 5.0), ("x0_learned", None),
-                                                  ("x0_pareto@logit_normal", None)]
+    specs = run_matrix(
+        Settings(targets=["x0"], weightings=["learned", "pareto@logit_normal"], reference="min_snr"), 5.0
+    )
+    assert [(s.name, s.gamma) for s in specs] == [
+        ("x0_min_snr", 5.0),
+        ("x0_learned", None),
+        ("x0_pareto@logit_normal", None),
+    ]
     with pytest.raises(ConfigError, match="needs a fixed weight"):
         run_matrix(Settings(targets=["x0"], weightings=["learned@importance"]), None)
 
 
 def test_spec_name_keeps_gamma_and_timesteps_apart():
-    assert RunSpec("eps", "min_snr", 3.0, explicit_gamma=True, timesteps="importance").name == "eps_min_snr_g3@importance"
+    assert (
+        RunSpec("eps", "min_snr", 3.0, explicit_gamma=True, timesteps="importance").name == "eps_min_snr_g3@importance"
+    )

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import minsnr.checkpoint as ck
-import minsnr.run as run_module
 import minsnr.data.loader as loader
 import minsnr.evaluate.periodic as periodic
+import minsnr.run as run_module
 from minsnr.compare import cli, worker
 from minsnr.compare.presets import Settings, run_config, run_folder, run_matrix
 from minsnr.compare.runner import _flatten
@@ -26,9 +26,19 @@ from minsnr.evaluate.classifier import load_labelled, save_classifier, train_cla
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "configs" / "compare" / "cpu.yaml"
-TINY = ["model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}", "train.batch_size=16", "log.every=2",
-        "log.eval_every=4", "log.eval_num=20", "log.preview_every=0", "checkpoint.every=10", "checkpoint.keep=3",
-        "optim.warmup_steps=2", "ema.decay=0.9", "sample.steps=2"]
+TINY = [
+    "model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}",
+    "train.batch_size=16",
+    "log.every=2",
+    "log.eval_every=4",
+    "log.eval_num=20",
+    "log.preview_every=0",
+    "checkpoint.every=10",
+    "checkpoint.keep=3",
+    "optim.warmup_steps=2",
+    "ema.decay=0.9",
+    "sample.steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +46,11 @@ def classifier(tmp_path_factory) -> str:
     """A digits classifier trained for one epoch: enough to score, cheap to make."""
     x, y, _, _ = load_labelled("digits")
     stem = tmp_path_factory.mktemp("clf") / "digits"
-    save_classifier(train_classifier(x, y, epochs=1), stem,
-                    {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128})
+    save_classifier(
+        train_classifier(x, y, epochs=1),
+        stem,
+        {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128},
+    )
     return str(stem)
 
 
@@ -87,8 +100,16 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
         rec[spec.name] = {"init": None, "inputs": [], "batches": [], "sampler": []}
         assert worker.main([str(path), "--bin-images", "50"]) == 0  # the subprocess's code, in this process
         changed = {k for k, v in _flatten(to_dict(cfg)).items() if _flatten(to_dict(base))[k] != v}
-        assert changed <= {"run_dir", "loss.target", "loss.weighting", "loss.gamma", "log.eval_classifier", "train.threads",
-                           "loss.timesteps", "log.eval_metric"}
+        assert changed <= {
+            "run_dir",
+            "loss.target",
+            "loss.weighting",
+            "loss.gamma",
+            "log.eval_classifier",
+            "train.threads",
+            "loss.timesteps",
+            "log.eval_metric",
+        }
 
     first = rec["x0_const"]
     assert len(first["inputs"]) == 12 and len(first["sampler"]) == 3 * 2  # 6 steps x 2 micro-batches; 3 evals
@@ -106,25 +127,48 @@ def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monk
         assert r["sampler"] == first["sampler"], f"{name}: evaluation with other labels or noise seeds"
     drops = torch.cat([y for _, _, y in first["inputs"]]) == 10
     assert 0 < int(drops.sum()) < len(drops)  # label dropout happened, identically everywhere
-    a, b = (ck.load_checkpoint(run_folder(tmp_path, 0, n) / "checkpoints" / "latest.pt")["model"]
-            for n in ("x0_const", "x0_min_snr"))
+    a, b = (
+        ck.load_checkpoint(run_folder(tmp_path, 0, n) / "checkpoints" / "latest.pt")["model"]
+        for n in ("x0_const", "x0_min_snr")
+    )
     assert any(not torch.equal(a[k], b[k]) for k in a), "the weighting changed nothing"
-    metrics = [[json.loads(line) for line in (run_folder(tmp_path, 0, s.name) / "metrics.jsonl").read_text().splitlines()]
-               for s in specs]
+    metrics = [
+        [json.loads(line) for line in (run_folder(tmp_path, 0, s.name) / "metrics.jsonl").read_text().splitlines()]
+        for s in specs
+    ]
     assert all([m["step"] for m in ms if "fid_cls" in m] == [2, 4, 6] for ms in metrics)
 
 
 def _compare_args(run_dir: Path, classifier: str, steps: int) -> list[str]:
-    return [str(CPU), *TINY, f"run_dir={run_dir}", f"train.steps={steps}", "--targets", "x0", "--classifier",
-            classifier, "--jobs", "2", "--eval-every", "10", "--bin-images", "100"]
+    return [
+        str(CPU),
+        *TINY,
+        f"run_dir={run_dir}",
+        f"train.steps={steps}",
+        "--targets",
+        "x0",
+        "--classifier",
+        classifier,
+        "--jobs",
+        "2",
+        "--eval-every",
+        "10",
+        "--bin-images",
+        "100",
+    ]
 
 
 def test_killed_comparison_resumes_to_the_same_numbers(tmp_path, classifier):
     steps = 120
     assert cli.main(_compare_args(tmp_path / "ref", classifier, steps)) == 0  # uninterrupted
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "minsnr", "compare", *_compare_args(killed, classifier, steps)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minsnr", "compare", *_compare_args(killed, classifier, steps)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpts = [run_folder(killed, 0, n) / "checkpoints" / "step_000000010.pt" for n in ("x0_const", "x0_min_snr")]
     deadline = time.time() + 300
     while not any(p.exists() for p in ckpts) and time.time() < deadline and proc.poll() is None:
@@ -147,8 +191,22 @@ def test_killed_comparison_resumes_to_the_same_numbers(tmp_path, classifier):
 
 def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classifier, capsys):
     # max_snr with gamma 3e38 overflows the float32 loss at the first step; const trains normally
-    args = [str(CPU), *TINY, f"run_dir={tmp_path}", "train.steps=4", "--targets", "x0", "--weightings",
-            "max_snr:3e38,baseline", "--classifier", classifier, "--jobs", "1", "--bin-images", "100"]
+    args = [
+        str(CPU),
+        *TINY,
+        f"run_dir={tmp_path}",
+        "train.steps=4",
+        "--targets",
+        "x0",
+        "--weightings",
+        "max_snr:3e38,baseline",
+        "--classifier",
+        classifier,
+        "--jobs",
+        "1",
+        "--bin-images",
+        "100",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     runs = {r["name"]: r for r in json.loads((tmp_path / "compare.json").read_text())["report"]["runs"]}
@@ -157,7 +215,9 @@ def test_divergence_is_a_result_and_a_changed_config_is_refused(tmp_path, classi
     assert runs["x0_const"]["seeds"][0]["status"] == "finished" and runs["x0_const"]["seeds"][0]["steps"] == [4]
     assert "diverged seed0/x0_max_snr_g3e+38 at step 1" in out and "1 diverged at 1" in out and "1 finished" in out
     session = json.loads((tmp_path / "compare.json").read_text())["sessions"][-1]
-    assert session["runs"] == ["seed0/x0_max_snr_g3e+38", "seed0/x0_const"] and session["cpu_s"] > 1  # the runs' CPU time
+    assert (
+        session["runs"] == ["seed0/x0_max_snr_g3e+38", "seed0/x0_const"] and session["cpu_s"] > 1
+    )  # the runs' CPU time
     assert cli.main(args) == 0  # nothing left to train: both reused
     out = capsys.readouterr().out
     assert "seed0/x0_max_snr_g3e+38: diverged earlier" in out and "seed0/x0_const: finished earlier" in out
@@ -186,9 +246,11 @@ def test_a_run_stops_and_saves_when_its_comparison_dies(tmp_path, classifier):
     folder = run_folder(tmp_path, 0, spec.name)
     folder.mkdir(parents=True)
     dump_yaml(cfg, folder / "config.yaml")
-    parent = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', 'minsnr.compare.worker', "
-              f"{str(folder / 'config.yaml')!r}, '--parent', str(os.getpid())]); print(p.pid, flush=True); "
-              "time.sleep(600)")
+    parent = (
+        "import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', 'minsnr.compare.worker', "
+        f"{str(folder / 'config.yaml')!r}, '--parent', str(os.getpid())]); print(p.pid, flush=True); "
+        "time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     run = int(proc.stdout.readline())
     metrics = folder / "metrics.jsonl"

@@ -18,14 +18,36 @@ from minsnr.config import PACKAGED_CONFIGS, ConfigError, load_config
 from minsnr.evaluate.classifier import load_labelled
 
 CPU = PACKAGED_CONFIGS / "compare" / "cpu.yaml"
-TINY = ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.batch_size=8", "log.every=2",
-        "log.eval_num=20", "log.preview_every=0", "checkpoint.every=4", "optim.warmup_steps=2", "ema.decay=0.9",
-        "sample.steps=2", "train.steps=4", "log.eval_every=2"]
+TINY = [
+    "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+    "train.batch_size=8",
+    "log.every=2",
+    "log.eval_num=20",
+    "log.preview_every=0",
+    "checkpoint.every=4",
+    "optim.warmup_steps=2",
+    "ema.decay=0.9",
+    "sample.steps=2",
+    "train.steps=4",
+    "log.eval_every=2",
+]
 
 
 def args(run_dir: Path, *more: str) -> list[str]:
-    return [str(CPU), *TINY, f"run_dir={run_dir}", "--targets", "x0", "--jobs", "2", "--bin-images", "20",
-            "--classifier-epochs", "1", *more]
+    return [
+        str(CPU),
+        *TINY,
+        f"run_dir={run_dir}",
+        "--targets",
+        "x0",
+        "--jobs",
+        "2",
+        "--bin-images",
+        "20",
+        "--classifier-epochs",
+        "1",
+        *more,
+    ]
 
 
 def test_seeds_grow_and_shrink_without_retraining_and_the_score_is_checked(tmp_path, capsys):
@@ -114,8 +136,12 @@ def test_an_evaluation_interval_off_the_logging_grid_lowers_log_every_and_says_s
 
 
 def test_warnings_name_a_weak_classifier_a_noisy_score_and_an_early_curve_as_good_as_its_end():
-    sanity = {"classifier": {"num_classes": 2, "test_accuracy": 0.85}, "floor": 10.0, "ceiling": 20.0,
-              "noise": {"sd_log": 0.3}}
+    sanity = {
+        "classifier": {"num_classes": 2, "test_accuracy": 0.85},
+        "floor": 10.0,
+        "ceiling": 20.0,
+        "noise": {"sd_log": 0.3},
+    }
     steps = [250.0 * k for k in range(1, 13)]
     good = {"seed": 0, "steps": steps, "values": list(np.linspace(300, 10, 12))}
     early = {"seed": 1, "steps": steps, "values": [200, 17.0, *np.linspace(60, 18, 10)]}

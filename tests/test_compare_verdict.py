@@ -21,8 +21,9 @@ def truth(steps: np.ndarray, tau: float, floor: float = 6.0) -> np.ndarray:
     return floor + 300.0 / (1 + steps / tau) ** 1.5
 
 
-def simulate(rng: np.random.Generator, speedup: float, seeds: int, sigma: float = 0.2,
-             steps: np.ndarray = STEPS) -> dict:
+def simulate(
+    rng: np.random.Generator, speedup: float, seeds: int, sigma: float = 0.2, steps: np.ndarray = STEPS
+) -> dict:
     refs, runs = [], []
     for _ in range(seeds):
         tau = 300.0 * np.exp(rng.normal(0, 0.15))
@@ -100,8 +101,9 @@ def test_the_old_rule_artefact_is_gone():
     run = np.array([21.2, 11.6, 18.4, 19.5, 17.0, 21.0, 16.8, 18.9, 17.3, 19.8, 17.9, 18.1])
     old = first_reach(steps, ref, ref.min()) / first_reach(steps, run, ref.min())
     assert old > 8  # 8.7x here
-    r = verdict.readings((steps, ref), (steps, run), noise=verdict.plateau_noise([np.log(ref), np.log(run)]),
-                         planned_steps=3000.0)
+    r = verdict.readings(
+        (steps, ref), (steps, run), noise=verdict.plateau_noise([np.log(ref), np.log(run)]), planned_steps=3000.0
+    )
     assert not r["end"].informative  # both curves end on the same plateau
     assert r["quarter"].bound == ">="  # the run is there at once: a bound, read as such
 
@@ -138,4 +140,6 @@ def test_summary_interval_is_the_t_interval_on_log_speed_ups():
     noisy = [*reads[:2], verdict.Reading(1.0, 100.0, 50.0, 2.0, None, False, "within noise")]
     assert verdict.summarize(noisy).verdict == "within noise"
     assert verdict.headline({"quarter": s, "half": verdict.summarize(noisy), "end": verdict.summarize(noisy)}) == (
-        "quarter", "faster")
+        "quarter",
+        "faster",
+    )

@@ -6,11 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from minsnr.models import build_model
-from minsnr.config import (CHOICES_END, CHOICES_START, PACKAGED_CONFIGS, Config, ConfigError, choices_table, load_config,
-                           packaged_configs, resolve_config, with_model_args)
+from minsnr.config import (
+    PACKAGED_CONFIGS,
+    Config,
+    ConfigError,
+    load_config,
+    packaged_configs,
+    resolve_config,
+    with_model_args,
+)
 from minsnr.launch import main as train_main
-from minsnr.models import MODELS
+from minsnr.models import MODELS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "minsnr" / "configs").glob("*.yaml"))
@@ -43,8 +49,14 @@ def test_config_loads_and_builds(path):
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == want["betas"] and cfg.ema.decay == 0.9999
     assert cfg.schedule.name == "cosine" and cfg.schedule.num_timesteps == 1000 and cfg.sample.sampler == "heun"
     assert cfg.loss.weighting == "min_snr" and cfg.loss.gamma == 5.0
-    for key, value in [("steps", cfg.train.steps), ("warmup", cfg.optim.warmup_steps), ("drop", cfg.loss.label_dropout),
-                       ("cfg", cfg.sample.cfg_scale), ("sample_steps", cfg.sample.steps), ("channels", cfg.model.in_channels)]:
+    for key, value in [
+        ("steps", cfg.train.steps),
+        ("warmup", cfg.optim.warmup_steps),
+        ("drop", cfg.loss.label_dropout),
+        ("cfg", cfg.sample.cfg_scale),
+        ("sample_steps", cfg.sample.steps),
+        ("channels", cfg.model.in_channels),
+    ]:
         if key in want:
             assert value == want[key], (path.stem, key)
 
@@ -84,8 +96,14 @@ def test_bad_values_are_blamed_on_their_source(tmp_path):
 def test_paths_expand_the_home_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     quickstart = [p for p in CONFIGS if p.stem == "quickstart"][0]
-    cfg = load_config(quickstart, ["run_dir=~/runs/a", "data.source=npz", "data.path=~/d.npz", "log.eval_classifier=~/clf"])
-    assert (cfg.run_dir, cfg.data.path, cfg.log.eval_classifier) == (f"{tmp_path}/runs/a", f"{tmp_path}/d.npz", f"{tmp_path}/clf")
+    cfg = load_config(
+        quickstart, ["run_dir=~/runs/a", "data.source=npz", "data.path=~/d.npz", "log.eval_classifier=~/clf"]
+    )
+    assert (cfg.run_dir, cfg.data.path, cfg.log.eval_classifier) == (
+        f"{tmp_path}/runs/a",
+        f"{tmp_path}/d.npz",
+        f"{tmp_path}/clf",
+    )
 
 
 def test_config_returns_a_new_object_and_never_edits_its_input():
@@ -95,14 +113,13 @@ def test_config_returns_a_new_object_and_never_edits_its_input():
     assert cfg.model.args == args_before == {} and out.model.args["width"] == 64 and out is not cfg
 
 
-def test_readme_choices_table_is_generated_from_the_registries():
-    """Every list of valid names is written once, in its registry; the README's table is built from them."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split(CHOICES_START, 1)[1].split(CHOICES_END, 1)[0].strip()
-    assert block == choices_table(), "README choices table is stale: run `python -m minsnr.config README.md`"
+def test_the_choices_table_is_generated_from_the_registries():
+    """Every list of valid names is written once, in its registry; docs/configuration.md's table is built from
+    them (tests/test_architecture.py checks that the file is current)."""
+    from minsnr.reference import choices_table
     from minsnr.sampling import SAMPLERS
 
-    assert f"| `sample.sampler` | {', '.join(f'`{s}`' for s in SAMPLERS)} |" in block
+    assert f"| `sample.sampler` | {', '.join(f'`{s}`' for s in SAMPLERS)} |" in choices_table()
 
 
 def test_repo_configs_folder_is_the_packaged_one():

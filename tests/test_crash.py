@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import ROOT, TINY, states_equal, tiny_cfg
 
 import minsnr.launch as launch
 from minsnr.checkpoint import CheckpointError, load_checkpoint, load_model
 from minsnr.train import Hook, train
-from test_train import ROOT, TINY, states_equal, tiny_cfg
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
@@ -111,7 +111,9 @@ def test_no_readable_checkpoint_refuses_and_deletes_nothing(tmp_path, damage):
     damage(step_file(tmp_path, 2))
     (ckpts(tmp_path) / ".step_000000004.pt.1.ab.tmp").write_bytes(b"maybe the user's last copy")
     before = {p: p.read_bytes() for p in [*ckpts(tmp_path).iterdir(), tmp_path / "metrics.jsonl"]}
-    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read: cannot read checkpoint .*step_000000002\.pt"):
+    with pytest.raises(
+        CheckpointError, match=r"no checkpoint in .* can be read: cannot read checkpoint .*step_000000002\.pt"
+    ):
         train(tiny_cfg(tmp_path, "train.steps=4"))
     assert {p: p.read_bytes() for p in [*ckpts(tmp_path).iterdir(), tmp_path / "metrics.jsonl"]} == before
 
@@ -153,8 +155,11 @@ def test_unreadable_older_checkpoint_is_named_then_pruned(tmp_path, capsys):
 def test_stale_temporaries_are_removed_at_start_and_said(tmp_path, capsys):
     """Defect 5: every kill during a save leaves a temporary; the next start of the run cleans them."""
     train(tiny_cfg(tmp_path, "train.steps=2"))
-    stale = [ckpts(tmp_path) / ".step_000000004.pt.tmp", ckpts(tmp_path) / ".latest.77.tmp",
-             tmp_path / ".ema.safetensors.7.1f2e.tmp"]  # names of this version and of earlier ones
+    stale = [
+        ckpts(tmp_path) / ".step_000000004.pt.tmp",
+        ckpts(tmp_path) / ".latest.77.tmp",
+        tmp_path / ".ema.safetensors.7.1f2e.tmp",
+    ]  # names of this version and of earlier ones
     for p in stale:
         p.write_bytes(step_file(tmp_path, 2).read_bytes())
     elsewhere = tmp_path / "previews"
@@ -176,11 +181,20 @@ class FullDisk:
             monkeypatch.setattr(torch, "save", lambda obj, f, **kw: real_save(obj, self.wrap(f), **kw))
         elif target == "export":  # at fsync, where a filesystem that delays allocation reports it
             real_fsync = os.fsync
-            monkeypatch.setattr(os, "fsync", lambda fd: self.check(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+            monkeypatch.setattr(
+                os, "fsync", lambda fd: self.check(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+            )
         else:  # the metrics append: half the line goes out first
             real_open = Path.open
-            monkeypatch.setattr(Path, "open", lambda p, mode="r", *a, **k: self.wrap(real_open(p, mode, *a, **k))
-                                if p.name == "metrics.jsonl" and mode == "a" else real_open(p, mode, *a, **k))
+            monkeypatch.setattr(
+                Path,
+                "open",
+                lambda p, mode="r", *a, **k: (
+                    self.wrap(real_open(p, mode, *a, **k))
+                    if p.name == "metrics.jsonl" and mode == "a"
+                    else real_open(p, mode, *a, **k)
+                ),
+            )
 
     def check(self, name: str) -> None:
         if "ema.safetensors" in name:
@@ -211,12 +225,17 @@ class FullDisk:
         return Full()
 
 
-@pytest.mark.parametrize("target,file,last_step", [
-    ("checkpoint", "checkpoints/step_000000004.pt", 2),
-    ("export", "ema.safetensors", 4),
-    ("metrics", "metrics.jsonl", 2),
-])
-def test_full_disk_is_one_line_naming_file_and_last_good_checkpoint(tmp_path, capsys, monkeypatch, target, file, last_step):
+@pytest.mark.parametrize(
+    "target,file,last_step",
+    [
+        ("checkpoint", "checkpoints/step_000000004.pt", 2),
+        ("export", "ema.safetensors", 4),
+        ("metrics", "metrics.jsonl", 2),
+    ],
+)
+def test_full_disk_is_one_line_naming_file_and_last_good_checkpoint(
+    tmp_path, capsys, monkeypatch, target, file, last_step
+):
     """Defect 5: a full disk while writing a checkpoint, the export or the metrics ends in one clear line;
     after room is made, the same command resumes to the end."""
     cmd = [QUICKSTART, *TINY, f"run_dir={tmp_path}", "train.steps=4"]
@@ -224,9 +243,15 @@ def test_full_disk_is_one_line_naming_file_and_last_good_checkpoint(tmp_path, ca
         FullDisk(patch, target)
         code = launch.main(cmd)
     err = capsys.readouterr().err  # the progress bar, then one line
-    assert code == 1 and "Traceback" not in err and err.strip().splitlines()[-1] == (
-        f"minsnr train: error: disk full writing {tmp_path / file} (No space left on device); "
-        f"the last good checkpoint {step_file(tmp_path, last_step)} (step {last_step}) is intact"), err
+    assert (
+        code == 1
+        and "Traceback" not in err
+        and err.strip().splitlines()[-1]
+        == (
+            f"minsnr train: error: disk full writing {tmp_path / file} (No space left on device); "
+            f"the last good checkpoint {step_file(tmp_path, last_step)} (step {last_step}) is intact"
+        )
+    ), err
     assert not [p for p in tmp_path.rglob("*.tmp")]
     assert launch.main(cmd) == 0
     assert load_checkpoint(ckpts(tmp_path) / "latest.pt")["step"] == 4

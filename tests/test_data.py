@@ -38,6 +38,7 @@ def constant(value: int, size: int = 8, channels: int = 3) -> np.ndarray:
 
 # ---- the two recipes against independent float computations (torch resampling, numpy slicing) ----
 
+
 def adm_reference(arr: np.ndarray, size: int) -> np.ndarray:
     """center_crop_arr recomputed: exact 2x2 means rounded half up per axis as Pillow's 8-bit box passes
     do (width, then height), antialiased bicubic (a=-0.5, as Pillow), center crop."""
@@ -52,7 +53,7 @@ def adm_reference(arr: np.ndarray, size: int) -> np.ndarray:
     nh, nw = round(h * scale), round(w * scale)
     x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return x[0, :, top:top + size, left:left + size].permute(1, 2, 0).numpy()
+    return x[0, :, top : top + size, left : left + size].permute(1, 2, 0).numpy()
 
 
 @pytest.mark.parametrize("w,h,size", [(600, 520, 64), (300, 200, 64), (200, 300, 64), (50, 40, 64), (96, 80, 32)])
@@ -68,7 +69,7 @@ def test_adm_center_crop_matches_independent_computation(w: int, h: int, size: i
 def test_celeba_crop_matches_scoresde_recipe() -> None:
     arr = smooth_image(218, 178, seed=3)  # CelebA's aligned size, H x W
     top, left = (218 - 140) // 2, (178 - 140) // 2  # ScoreSDE central_crop: 39, 19
-    crop = torch.from_numpy(arr[top:top + 140, left:left + 140]).permute(2, 0, 1)[None].float()
+    crop = torch.from_numpy(arr[top : top + 140, left : left + 140]).permute(2, 0, 1)[None].float()
     ref = F.interpolate(crop, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
     ours = celeba_crop(Image.fromarray(arr), 64).astype(np.float64)
     diff = np.abs(ours - ref.numpy())
@@ -88,6 +89,7 @@ def test_prepare_checks_crop_and_resolution() -> None:
 
 
 # ---- image folders ----
+
 
 def test_class_folders_give_sorted_labels_and_exact_scaling(tmp_path: Path) -> None:
     for name, value in (("zebra", 200), ("ant", 10), ("moth", 100)):
@@ -180,6 +182,7 @@ def test_folder_errors_are_clear(tmp_path: Path) -> None:
 
 # ---- arrays: digits and npz ----
 
+
 def test_digits_split_and_scaling() -> None:
     from sklearn.datasets import load_digits as sk
 
@@ -199,8 +202,14 @@ def test_npz_keys_splits_and_checks(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x_train = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", x_train=x_train, y_train=np.arange(20) % 4, x_test=x_test, y_test=np.arange(5) % 2,
-             class_names=np.array(["a", "b", "c", "d"]))
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x_train,
+        y_train=np.arange(20) % 4,
+        x_test=x_test,
+        y_test=np.arange(5) % 2,
+        class_names=np.array(["a", "b", "c", "d"]),
+    )
     train, test = load_npz(tmp_path / "d.npz", hflip=False), load_npz(tmp_path / "d.npz", "test", hflip=False)
     assert (len(train), len(test), train.num_classes, test.num_classes) == (20, 5, 4, 4)
     assert train.class_names == ["a", "b", "c", "d"] and train.shape == (3, 6, 6)

@@ -37,9 +37,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("latent")
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=SIZE)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=SIZE,
+    )
     vae.save_pretrained(root / "vae")
     rng = np.random.default_rng(0)
     for i in range(11):
@@ -91,8 +99,22 @@ def test_encode_dataset_decode_round_trip(setup: tuple[Path, Path], tmp_path: Pa
 
 def test_interrupted_encode_resumes_to_identical_files(setup: tuple[Path, Path], tmp_path: Path) -> None:
     vae_dir, imgs = setup
-    args = ["--data", str(imgs), "--vae", str(vae_dir), "--size", str(SIZE), "--batch", "3", "--chunk", "4",
-            "--device", "cpu", "--workers", "0"]
+    args = [
+        "--data",
+        str(imgs),
+        "--vae",
+        str(vae_dir),
+        "--size",
+        str(SIZE),
+        "--batch",
+        "3",
+        "--chunk",
+        "4",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
     part = tmp_path / "part"
     assert not encode(str(imgs), part, str(vae_dir), SIZE, batch=3, chunk=4, device="cpu", max_chunks=1)
@@ -128,4 +150,3 @@ def test_missing_diffusers_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r"pip install 'minsnr\[latent\]'"):
         load_vae("stabilityai/sd-vae-ft-mse")
-

@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from minsnr.data import ArrayDataset, Batches, BadImagesError, FolderDataset
+from minsnr.data import ArrayDataset, BadImagesError, Batches, FolderDataset
 
 
 def index_dataset(n: int, hflip: bool = True) -> ArrayDataset:
     """Image i is one row [i % 256, i // 256, 255]; a flip moves the 255 to the front."""
     rows = np.stack([np.arange(n) % 256, np.arange(n) // 256, np.full(n, 255)], 1).astype(np.uint8)
-    return ArrayDataset(rows[:, None, :, None], np.arange(n) % 7, num_classes=7,
-                        class_names=[str(i) for i in range(7)], hflip=hflip)
+    return ArrayDataset(
+        rows[:, None, :, None], np.arange(n) % 7, num_classes=7, class_names=[str(i) for i in range(7)], hflip=hflip
+    )
 
 
 def decode(x: torch.Tensor) -> list[tuple[int, bool]]:
@@ -116,8 +117,9 @@ def folder_with_bad_files(root: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_images_are_replaced_counted_and_reported(tmp_path: Path, workers: int,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_unreadable_images_are_replaced_counted_and_reported(
+    tmp_path: Path, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
     junk, truncated = folder_with_bad_files(tmp_path / "imgs")
     ds = FolderDataset(tmp_path / "imgs", hflip=False, max_bad_fraction=0.2)
     b = Batches(ds, 5, seed=0, num_workers=workers)

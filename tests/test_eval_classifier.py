@@ -45,19 +45,24 @@ def _degrade(x: np.ndarray) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     blurred = gaussian_filter(x.astype(np.float64), sigma=(0, 1, 1, 0))
     noisy = x + rng.normal(0, 64, x.shape)
-    return {"test": x, "blurred": np.clip(np.round(blurred), 0, 255).astype(np.uint8),
-            "noisy": np.clip(np.round(noisy), 0, 255).astype(np.uint8),
-            "uniform": rng.integers(0, 256, x.shape, dtype=np.uint8)}
+    return {
+        "test": x,
+        "blurred": np.clip(np.round(blurred), 0, 255).astype(np.uint8),
+        "noisy": np.clip(np.round(noisy), 0, 255).astype(np.uint8),
+        "uniform": rng.integers(0, 256, x.shape, dtype=np.uint8),
+    }
 
 
 def test_fid_cls_orders_degradations(trained, mnist):
     model, meta = classifier.load_classifier(trained)
     train = mnist["x_train"]
-    feats, _ = classifier.classify(model, (train[i:i + 2000] for i in range(0, len(train), 2000)), (28, 28, 1))
+    feats, _ = classifier.classify(model, (train[i : i + 2000] for i in range(0, len(train), 2000)), (28, 28, 1))
     ref = feature_stats(feats)
     x, y = mnist["x_test"], mnist["y_test"]
-    res = {k: classifier.fid_cls(model, meta, (v[i:i + 2000] for i in range(0, len(v), 2000)), ref, y)
-           for k, v in _degrade(x).items()}
+    res = {
+        k: classifier.fid_cls(model, meta, (v[i : i + 2000] for i in range(0, len(v), 2000)), ref, y)
+        for k, v in _degrade(x).items()
+    }
     order = [res[k]["fid_cls"] for k in ("test", "blurred", "noisy", "uniform")]
     assert order == sorted(order) and len(set(order)) == 4, res
     assert res["test"]["fid_cls"] < 2.0 and res["test"]["cls_acc"] >= 0.97

@@ -94,7 +94,7 @@ def test_inception_fid_end_to_end_offline_with_cache(random_inception, tmp_path,
     assert "reference features (ref.npz): 100%" in capsys.readouterr().err  # a progress bar
     caches = list(cache_dir.glob("ref.npz.*.inception-*.stats.npz"))
     assert len(caches) == 1 and not list(tmp_path.glob("*.stats.npz"))
-    tag = caches[0].name.split(".", 3)[3][:-len(".stats.npz")]
+    tag = caches[0].name.split(".", 3)[3][: -len(".stats.npz")]
     with np.load(caches[0]) as z:
         mu, sigma = z["mu"], z["sigma"]
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu.std() > 0
@@ -151,6 +151,18 @@ def test_fid_bad_arguments_are_named(tmp_path, capsys):
         fid.compute_fid(tmp_path / "s.npz", tmp_path / "s.npz", features="clip", device="cpu")
     assert fid.main([str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--features", "classifier"]) == 1
     assert "needs --classifier" in capsys.readouterr().err
-    assert fid.main([str(tmp_path / "nope.npz"), "--ref", str(tmp_path / "s.npz"), "--features", "classifier",
-                     "--classifier", "x"]) == 1
+    assert (
+        fid.main(
+            [
+                str(tmp_path / "nope.npz"),
+                "--ref",
+                str(tmp_path / "s.npz"),
+                "--features",
+                "classifier",
+                "--classifier",
+                "x",
+            ]
+        )
+        == 1
+    )
     assert "nope.npz" in capsys.readouterr().err

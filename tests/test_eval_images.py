@@ -15,7 +15,7 @@ def test_write_npz_streams_batches_that_np_load_reads(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (10, 5, 6, 3), dtype=np.uint8)
     y = rng.integers(0, 7, 10)
-    write_npz(tmp_path / "s.npz", (x[i:i + 4] for i in range(0, 10, 4)), 10, y)
+    write_npz(tmp_path / "s.npz", (x[i : i + 4] for i in range(0, 10, 4)), 10, y)
     with np.load(tmp_path / "s.npz") as z:
         assert z.files == ["arr_0", "arr_1"] and np.array_equal(z["arr_0"], x) and np.array_equal(z["arr_1"], y)
     images = open_images(tmp_path / "s.npz")

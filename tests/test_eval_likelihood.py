@@ -41,7 +41,11 @@ def test_decoder_matches_the_full_categorical_and_the_prior_its_closed_form():
     c = (z0 / SCHEDULE.alpha(torch.tensor(0))).numpy()[..., None]
     grid = np.arange(256) / 127.5 - 1
     logits = -0.5 * snr0 * (c - grid) ** 2  # every value, no window
-    log_p = -0.5 * snr0 * (c[..., 0] - x.double().numpy()) ** 2 - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) - logits.max(-1)
+    log_p = (
+        -0.5 * snr0 * (c[..., 0] - x.double().numpy()) ** 2
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        - logits.max(-1)
+    )
     assert decoder_nll(x.double(), z0, SCHEDULE).numpy() == pytest.approx(-log_p.reshape(4, -1).sum(1), rel=1e-10)
     a = float(SCHEDULE.alphas_cumprod[-1])
     want = 0.5 * (a * x.double() ** 2 + (1 - a) - 1 - math.log(1 - a)).flatten(1).sum(1)

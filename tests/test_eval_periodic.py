@@ -16,8 +16,16 @@ from minsnr.evaluate import classifier, periodic
 from minsnr.evaluate.frechet import feature_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.batch_size=16", "log.every=2",
-        "log.preview_every=0", "log.tensorboard=false", "checkpoint.every=2", "sample.steps=2", "log.eval_num=40"]
+TINY = [
+    "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+    "train.batch_size=16",
+    "log.every=2",
+    "log.preview_every=0",
+    "log.tensorboard=false",
+    "checkpoint.every=2",
+    "sample.steps=2",
+    "log.eval_num=40",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +33,9 @@ def digits_classifier(tmp_path_factory) -> Path:
     x, y, _, _ = classifier.load_labelled("digits")
     model = classifier.train_classifier(x, y, epochs=2)
     path = tmp_path_factory.mktemp("cls") / "digits"
-    classifier.save_classifier(model, path, {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16,
-                                             "feature_dim": 128})
+    classifier.save_classifier(
+        model, path, {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128}
+    )
     return path
 
 
@@ -60,8 +69,10 @@ def test_eval_hook_scores_samples_against_cached_training_stats(digits_classifie
 def test_eval_hook_logs_from_the_training_loop(digits_classifier, tmp_path):
     from minsnr.train import Hook, train
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      [*TINY, f"log.eval_classifier={digits_classifier}", f"run_dir={tmp_path}", "train.steps=2"])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [*TINY, f"log.eval_classifier={digits_classifier}", f"run_dir={tmp_path}", "train.steps=2"],
+    )
     train(cfg, (Hook(2, periodic.make_eval_hook(cfg)),))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and np.isfinite(records[-1]["fid_cls"]) and "cls_acc" in records[-1]

@@ -80,7 +80,7 @@ def test_bin_losses_closed_forms():
     cfg.loss.target = "eps"
     mse = losses.bin_losses(Zero(), cfg, x, None, bins=4)
     snr = make_schedule("cosine").snr(torch.arange(1000))
-    expect = [(1 / snr[lo:lo + 250]).mean().item() for lo in (0, 250, 500, 750)]
+    expect = [(1 / snr[lo : lo + 250]).mean().item() for lo in (0, 250, 500, 750)]
     np.testing.assert_allclose(mse[:3], expect[:3], rtol=0.03)
     assert mse[3] > mse[2] * 10  # the last bin's 1/SNR grows without bound
 

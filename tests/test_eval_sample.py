@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 import torch.nn.functional as F
 from torch import nn
 
 from minsnr.checkpoint import load_model
-from minsnr.models import build_model
 from minsnr.config import load_config, to_dict
 from minsnr.evaluate import sample
+from minsnr.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +25,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_checkpoint(path: Path, num_classes: int = 10, *extra: str) -> Path:
     """A tiny digits ViT with random weights (the output layer starts at zero, so every parameter is drawn
     afresh) saved in the checkpoint format; the EMA weights differ from the model's."""
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
-                       f"model.num_classes={num_classes}", "loss.label_dropout=0", "sample.steps=2", *extra])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [
+            "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+            f"model.num_classes={num_classes}",
+            "loss.label_dropout=0",
+            "sample.steps=2",
+            *extra,
+        ],
+    )
     torch.manual_seed(0)
     model, ema = build_model(cfg.model), build_model(cfg.model)
     with torch.no_grad():
         for p in [*model.parameters(), *ema.parameters()]:
             p.normal_(0, 0.3)
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 0, "config": to_dict(cfg),
-                "version": 1}, path)
+    torch.save(
+        {"model": model.state_dict(), "ema": ema.state_dict(), "step": 0, "config": to_dict(cfg), "version": 1}, path
+    )
     return path
 
 
@@ -66,8 +73,16 @@ def test_balanced_labels(num, k):
 
 
 def test_sample_count_balance_determinism_and_pictures(ckpt, tmp_path):
-    run(ckpt, tmp_path / "a.npz", "--seed", "1", "--grid", str(tmp_path / "grid.png"),
-        "--png-dir", str(tmp_path / "png"))
+    run(
+        ckpt,
+        tmp_path / "a.npz",
+        "--seed",
+        "1",
+        "--grid",
+        str(tmp_path / "grid.png"),
+        "--png-dir",
+        str(tmp_path / "png"),
+    )
     x, y = load(tmp_path / "a.npz")
     assert x.shape == (23, 8, 8, 1) and x.dtype == np.uint8 and x.std() > 0
     assert np.array_equal(y, sample.balanced_labels(23, 10, seed=1))
@@ -137,9 +152,31 @@ def test_unconditional_model_writes_no_labels(tmp_path):
 def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path):
     run(ckpt, tmp_path / "one.npz", "--seed", "7")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "minsnr", "sample", str(ckpt), "--num-images", "23", "--batch", "5", "--device", "cpu",
-           "--out", str(tmp_path / "two.npz"), "--cfg-scale", "1.5", "--seed", "7"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "minsnr",
+        "sample",
+        str(ckpt),
+        "--num-images",
+        "23",
+        "--batch",
+        "5",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "two.npz"),
+        "--cfg-scale",
+        "1.5",
+        "--seed",
+        "7",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert all(np.array_equal(u, v) for u, v in zip(load(tmp_path / "one.npz"), load(tmp_path / "two.npz")))
@@ -160,14 +197,22 @@ def test_latent_model_is_decoded_through_the_runs_vae(tmp_path, monkeypatch, cap
     (tmp_path / "lat" / "meta.json").write_text(json.dumps({"vae": "my/vae", "scale_factor": 4.0}))
     names = []
     monkeypatch.setattr(latent, "load_vae", lambda name, device: names.append(name) or FakeVAE())
-    ck = make_checkpoint(tmp_path / "lat.pt", 10, "data.source=latent", f"data.path={tmp_path / 'lat'}",
-                         "model.in_channels=4")
+    ck = make_checkpoint(
+        tmp_path / "lat.pt", 10, "data.source=latent", f"data.path={tmp_path / 'lat'}", "model.in_channels=4"
+    )
     assert sample.main([str(ck), "--num", "5", "--out", str(tmp_path / "l.npz"), "--seed", "3"]) == 0
     x, y = load(tmp_path / "l.npz")
     assert names == ["my/vae"] and x.shape == (5, 16, 16, 3)
     model, cfg = load_model(ck)
-    expect = sample.sample_images(model, cfg, y, 5, 3, device=torch.device("cpu"),
-                                  decode=lambda z: F.interpolate(z[:, :3] / 4.0, scale_factor=2).clamp(-1, 1))
+    expect = sample.sample_images(
+        model,
+        cfg,
+        y,
+        5,
+        3,
+        device=torch.device("cpu"),
+        decode=lambda z: F.interpolate(z[:, :3] / 4.0, scale_factor=2).clamp(-1, 1),
+    )
     assert np.array_equal(x, expect)  # decoded = latents / meta's scale_factor through the VAE
 
     (tmp_path / "lat" / "meta.json").unlink()
@@ -180,9 +225,16 @@ def test_exported_weights_name_their_classes(tmp_path):
     from minsnr.evaluate.sample import trained_class_names
     from minsnr.train import train
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.steps=1",
-                       "log.preview_every=0", "log.tensorboard=false", f"run_dir={tmp_path}"])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [
+            "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+            "train.steps=1",
+            "log.preview_every=0",
+            "log.tensorboard=false",
+            f"run_dir={tmp_path}",
+        ],
+    )
     train(cfg)
     assert trained_class_names(tmp_path / "ema.safetensors") == [str(i) for i in range(10)]
 

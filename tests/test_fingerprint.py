@@ -23,8 +23,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = Path(__file__).with_name("fingerprint.json")
 STEPS = (1, 50, 200)
-BASE = ["train.steps=200", "log.every=1", "checkpoint.every=50", "checkpoint.keep=10", "log.preview_every=0",
-        "log.tensorboard=false", "train.device=cpu", "train.threads=1"]
+BASE = [
+    "train.steps=200",
+    "log.every=1",
+    "checkpoint.every=50",
+    "checkpoint.keep=10",
+    "log.preview_every=0",
+    "log.tensorboard=false",
+    "train.device=cpu",
+    "train.threads=1",
+]
 
 
 def _checksums(tensors: dict[str, torch.Tensor]) -> list[float]:
@@ -63,8 +71,27 @@ def _loss_weight(run_dir: Path) -> list[float]:
 def _sample(run_dir: Path, out: Path) -> list[int]:
     from minsnr.cli import main
 
-    assert main(["sample", str(run_dir / "ema.safetensors"), "--num", "12", "--batch", "5", "--seed", "3",
-                 "--steps", "4", "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run_dir / "ema.safetensors"),
+                "--num",
+                "12",
+                "--batch",
+                "5",
+                "--seed",
+                "3",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with np.load(out) as z:
         return [int(img.astype(np.int64).sum()) for img in z["arr_0"]]
 
@@ -74,9 +101,12 @@ def fingerprint(tmp: Path) -> dict:
     plain = _train(tmp / "plain")
     learned = _train(tmp / "learned", "loss.weighting=learned")
     pareto = _train(tmp / "pareto", "loss.weighting=pareto")
-    return {"quickstart": plain, "sample_pixel_sums": _sample(tmp / "plain", tmp / "s.npz"),
-            "learned": {**learned, "loss_weight": _loss_weight(tmp / "learned")},
-            "pareto": {**pareto, "loss_weight": _loss_weight(tmp / "pareto")}}
+    return {
+        "quickstart": plain,
+        "sample_pixel_sums": _sample(tmp / "plain", tmp / "s.npz"),
+        "learned": {**learned, "loss_weight": _loss_weight(tmp / "learned")},
+        "pareto": {**pareto, "loss_weight": _loss_weight(tmp / "pareto")},
+    }
 
 
 def _close(got: object, want: object, where: str) -> None:
@@ -110,6 +140,11 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/test_fingerprint.py --record")
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as d:
-        RECORD.write_text(json.dumps({"_note": "recorded by tests/test_fingerprint.py --record; see its docstring",
-                                      **fingerprint(Path(d))}, indent=1) + "\n")
+        RECORD.write_text(
+            json.dumps(
+                {"_note": "recorded by tests/test_fingerprint.py --record; see its docstring", **fingerprint(Path(d))},
+                indent=1,
+            )
+            + "\n"
+        )
     print(f"wrote {RECORD}")

@@ -7,11 +7,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import minsnr.cli
 from minsnr.config import load_config
@@ -21,8 +21,14 @@ from minsnr.launch import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-TINY = ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.batch_size=8", "train.steps=2",
-        "log.every=1", "log.preview_every=0", "checkpoint.every=2"]
+TINY = [
+    "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+    "train.batch_size=8",
+    "train.steps=2",
+    "log.every=1",
+    "log.preview_every=0",
+    "checkpoint.every=2",
+]
 
 
 def _name(requirement: str) -> str:
@@ -89,8 +95,9 @@ def test_figure_verbs_without_matplotlib_end_in_one_line(verb, monkeypatch, caps
     _forget(monkeypatch, "minsnr.pareto.plots", "minsnr.pareto.cli", "minsnr.pareto.conflict")
     assert minsnr.cli.main([verb, "x.pt"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"minsnr {verb}: error: matplotlib not installed: pip install 'minsnr[plots]' "
-                   "(needed for the Pareto figures)"]
+    assert err == [
+        f"minsnr {verb}: error: matplotlib not installed: pip install 'minsnr[plots]' (needed for the Pareto figures)"
+    ]
 
 
 def test_periodic_inception_fid_without_torch_fidelity_stops_before_training(tmp_path, monkeypatch, capsys):
@@ -107,7 +114,8 @@ def test_latent_run_without_diffusers_trains_without_previews(monkeypatch, caplo
     with caplog.at_level(logging.WARNING):
         assert build_hooks(cfg) == ()
     assert [r.getMessage() for r in caplog.records] == [
-        "diffusers not installed: pip install 'minsnr[latent]'; no previews or samples.png (they decode latents with the SD-VAE)"]
+        "diffusers not installed: pip install 'minsnr[latent]'; no previews or samples.png (they decode latents with the SD-VAE)"
+    ]
 
 
 def test_core_dependencies_are_the_demos_and_the_locks_pin_them():
@@ -129,16 +137,34 @@ def test_wheel_ships_the_configs_and_declares_the_extras(tmp_path):
     shutil.copytree(ROOT / "minsnr", src / "minsnr", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", str(src),
-                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("minsnr-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     shipped = sorted(n.removeprefix("minsnr/configs/") for n in names if n.startswith("minsnr/configs/"))
-    here = sorted(str(p.relative_to(ROOT / "minsnr" / "configs")) for p in (ROOT / "minsnr" / "configs").rglob("*.yaml"))
+    here = sorted(
+        str(p.relative_to(ROOT / "minsnr" / "configs")) for p in (ROOT / "minsnr" / "configs").rglob("*.yaml")
+    )
     assert shipped == here and "quickstart.yaml" in shipped and "compare/cpu.yaml" in shipped  # the compare presets too
-    assert {"fid", "latent", "plots", "tensorboard", "test", "all"} <= set(re.findall(r"Provides-Extra: (\S+)", metadata))
+    assert {"fid", "latent", "plots", "tensorboard", "test", "all"} <= set(
+        re.findall(r"Provides-Extra: (\S+)", metadata)
+    )
     unconditional = re.findall(r"^Requires-Dist: ([^;\n]+)$", metadata, re.M)
     assert {_name(r) for r in unconditional} == {_name(r) for r in PYPROJECT["dependencies"]}
 
@@ -159,12 +185,29 @@ sys.exit(main(sys.argv[1:]))
 def test_the_core_install_trains_and_samples_with_every_extra_missing(tmp_path):
     """What `make demo` installs (no extras) is enough to train, resume-ready checkpoint included, and sample:
     run in a subprocess whose imports of every optional package fail."""
-    run = lambda *args: subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True,  # noqa: E731
-                                       cwd=tmp_path, timeout=300)
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-c", BLOCKER, *args],
+        capture_output=True,
+        text=True,  # noqa: E731
+        cwd=tmp_path,
+        timeout=300,
+    )
     trained = run("train", "quickstart", *TINY, "log.tensorboard=true", f"run_dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "pip install 'minsnr[tensorboard]'" in trained.stdout + trained.stderr
-    sampled = run("sample", str(tmp_path / "run" / "ema.safetensors"), "--num", "20", "--steps", "2",
-                  "--out", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "g.png"), "--device", "cpu")
+    sampled = run(
+        "sample",
+        str(tmp_path / "run" / "ema.safetensors"),
+        "--num",
+        "20",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "s.npz"),
+        "--grid",
+        str(tmp_path / "g.png"),
+        "--device",
+        "cpu",
+    )
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     assert (tmp_path / "s.npz").is_file() and (tmp_path / "g.png").is_file()

@@ -51,8 +51,17 @@ def test_u_gradient_vanishes_exactly_at_the_conditional_mean(target):
 
     def grad_at(u_table: torch.Tensor) -> torch.Tensor:
         u = u_table.clone().requires_grad_(True)
-        out = diffusion_loss(model, x0, None, sched, target=target, weighting="learned", t=t, noise=noise,
-                             adaptive=lambda tt: (torch.exp(-u[tt]), u[tt]))
+        out = diffusion_loss(
+            model,
+            x0,
+            None,
+            sched,
+            target=target,
+            weighting="learned",
+            t=t,
+            noise=noise,
+            adaptive=lambda tt: (torch.exp(-u[tt]), u[tt]),
+        )
         out.loss.backward()
         return u.grad
 
@@ -75,8 +84,7 @@ def test_module_gradient_is_the_closed_form():
     t = torch.randint(0, T, (64,), generator=gen)
     x0 = torch.randn(64, 1, 2, 2, generator=gen)
     offsets = 0.2 + torch.rand(64, generator=gen)
-    out = diffusion_loss(offset_model(x0, offsets), x0, None, sched, target="x0", weighting="learned", t=t,
-                         adaptive=lw)
+    out = diffusion_loss(offset_model(x0, offsets), x0, None, sched, target="x0", weighting="learned", t=t, adaptive=lw)
     out.loss.backward()
     feats = lw.features.double()[t]
     u = feats @ lw.weight.detach().double() + lw.bias.detach().double()
@@ -89,8 +97,16 @@ def test_module_gradient_is_the_closed_form():
         with torch.no_grad():
             lw.weight.zero_()
             lw.bias.fill_(math.log(0.49) + shift)
-        diffusion_loss(offset_model(x0, torch.full((64,), 0.7)), x0, None, sched, target="x0", weighting="learned",
-                       t=t, adaptive=lw).loss.backward()
+        diffusion_loss(
+            offset_model(x0, torch.full((64,), 0.7)),
+            x0,
+            None,
+            sched,
+            target="x0",
+            weighting="learned",
+            t=t,
+            adaptive=lw,
+        ).loss.backward()
         assert abs(float(lw.bias.grad) - want) < 1e-6
         assert torch.allclose(lw.weight.grad.double(), want * feats.mean(0), atol=1e-6)
 
@@ -140,7 +156,9 @@ def test_stateful_weighting_needs_its_state_and_refuses_importance_sampling(tmp_
     with pytest.raises(ValueError, match="stateful"):
         diffusion_loss(lambda x, t, y: x, x0, None, sched, weighting="learned")
     with pytest.raises(ValueError, match="is fixed"):
-        diffusion_loss(lambda x, t, y: x, x0, None, sched, weighting="min_snr", adaptive=make_adaptive("learned", sched))
+        diffusion_loss(
+            lambda x, t, y: x, x0, None, sched, weighting="min_snr", adaptive=make_adaptive("learned", sched)
+        )
     with pytest.raises(ConfigError, match="importance"):
         load_config(ROOT / "configs" / "quickstart.yaml", ["loss.weighting=learned", "loss.timesteps=importance"])
     with pytest.raises(ConfigError, match="learned.*pareto|pareto.*learned"):
@@ -171,8 +189,10 @@ def test_resume_is_bit_exact_and_the_export_carries_u(tmp_path):
     model, cfg = load_model(run / "ema.safetensors")
     assert cfg.loss.weighting == "learned"
     out = tmp_path / "samples.npz"
-    assert sample.main([str(run / "ema.safetensors"), "--num", "4", "--batch", "4", "--out", str(out),
-                        "--device", "cpu"]) == 0
+    assert (
+        sample.main([str(run / "ema.safetensors"), "--num", "4", "--batch", "4", "--out", str(out), "--device", "cpu"])
+        == 0
+    )
     with np.load(out) as z:
         assert z["arr_0"].shape[0] == 4
     records = (run / "metrics.jsonl").read_text().splitlines()
@@ -197,13 +217,31 @@ def test_torchrun_two_ranks_train_u_like_one(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8",
-           f"run_dir={tmp_path / 'ddp'}"]
-    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "minsnr",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        *common,
+        "train.batch_size=8",
+        f"run_dir={tmp_path / 'ddp'}",
+    ]
+    res = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    train(load_config(ROOT / "configs" / "quickstart.yaml", [*common, "train.batch_size=16", f"run_dir={tmp_path / 'one'}"]))
+    train(
+        load_config(
+            ROOT / "configs" / "quickstart.yaml", [*common, "train.batch_size=16", f"run_dir={tmp_path / 'one'}"]
+        )
+    )
     a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
     for name in ("weight", "bias"):
@@ -219,6 +257,9 @@ def test_a_missing_loss_weight_export_is_rewritten_at_resume(tmp_path, capsys):
     want = load_file(str(run / "loss_weight.safetensors"))
     (run / "loss_weight.safetensors").unlink()
     train(tiny_cfg(run, "train.steps=2", *LEARNED))  # already at its last step: nothing trains, nothing saves
-    assert "loss_weight.safetensors is missing; rewrote it with the loss weighting state of step 2" in capsys.readouterr().out
+    assert (
+        "loss_weight.safetensors is missing; rewrote it with the loss weighting state of step 2"
+        in capsys.readouterr().out
+    )
     got = load_file(str(run / "loss_weight.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -272,8 +272,16 @@ def test_resblock_scale_shift_is_identity_at_zero_modulation() -> None:
 
 
 def test_unet_attention_resolutions_are_used() -> None:
-    model = UNet(input_size=32, in_channels=4, num_classes=0, base_channels=32, channel_mult=(1, 2, 2),
-                 num_res_blocks=1, attention_resolutions=(16,), num_heads=2)
+    model = UNet(
+        input_size=32,
+        in_channels=4,
+        num_classes=0,
+        base_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(16,),
+        num_heads=2,
+    )
     x = torch.randn(1, 4, 32, 32)
     seen: list[int] = []
     for m in model.modules():

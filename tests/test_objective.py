@@ -55,8 +55,9 @@ def test_conversions_are_exact_inverses():
         torch.testing.assert_close(predict_x0(true, x_t, a, s, target), x0, rtol=1e-8, atol=1e-8)
         torch.testing.assert_close(predict_eps(true, x_t, a, s, target), eps, rtol=1e-8, atol=1e-8)
         for dst in TARGETS:
-            torch.testing.assert_close(convert(true, x_t, a, s, target, dst), make_target(x0, eps, a, s, dst),
-                                       rtol=1e-8, atol=1e-8)
+            torch.testing.assert_close(
+                convert(true, x_t, a, s, target, dst), make_target(x0, eps, a, s, dst), rtol=1e-8, atol=1e-8
+            )
     v = a * eps - s * x0  # the definition, written out
     torch.testing.assert_close(make_target(x0, eps, a, s, "v"), v)
 
@@ -83,8 +84,10 @@ def test_diffusion_loss_same_objective_for_every_target(strategy):
     x0 = torch.randn(64, 2, 4, 4, generator=g, dtype=torch.float64)
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.randint(0, 1000, (64,), generator=g)
-    outs = {tg: diffusion_loss(X0Model(tg), x0, None, SCHED, target=tg, weighting=strategy, t=t, noise=noise)
-            for tg in TARGETS}
+    outs = {
+        tg: diffusion_loss(X0Model(tg), x0, None, SCHED, target=tg, weighting=strategy, t=t, noise=noise)
+        for tg in TARGETS
+    }
     # reference: the x0-space objective of section 3.4 computed by hand
     a, s = SCHED.alpha(t).view(-1, 1, 1, 1), SCHED.sigma(t).view(-1, 1, 1, 1)
     x0_hat = X0Model("x0")(a * x0 + s * noise, t.double(), None)

@@ -28,16 +28,37 @@ def checkpoint(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("run") / "latest.pt"
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "config": to_dict(cfg),
-                "version": 1}, path)
+    torch.save(
+        {"model": model.state_dict(), "ema": model.state_dict(), "step": 0, "config": to_dict(cfg), "version": 1}, path
+    )
     return path
 
 
 def test_pareto_cli_writes_table_json_and_figures(checkpoint, tmp_path, capsys):
     out = tmp_path / "p"
-    rc = pareto_cli.main([str(checkpoint), "--tasks", "4", "--batch", "2", "--lambda", "0.5", "--relative-lambda",
-                          "--device", "cpu",
-                          "--block", "2", "--instability", "--sizes", "1,2", "--repeats", "2", "--out", str(out)])
+    rc = pareto_cli.main(
+        [
+            str(checkpoint),
+            "--tasks",
+            "4",
+            "--batch",
+            "2",
+            "--lambda",
+            "0.5",
+            "--relative-lambda",
+            "--device",
+            "cpu",
+            "--block",
+            "2",
+            "--instability",
+            "--sizes",
+            "1,2",
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "Min-SNR-5" in text and "ordering (best first)" in text and "conflicting task pairs" in text
@@ -48,7 +69,7 @@ def test_pareto_cli_writes_table_json_and_figures(checkpoint, tmp_path, capsys):
     assert lam == pytest.approx(0.5 * np.trace(gram) / 4) and report["lambda_relative"] == pytest.approx(0.5)
     res = report["results"]
     assert set(res) == set(FIGURE4) | {"ugd", "frank_wolfe"}
-    for name, r in res.items():
+    for r in res.values():
         w = np.array(r["weights"])
         assert w.sum() == pytest.approx(1.0) and r["objective"] == pytest.approx(w @ gram @ w + lam * w @ w, rel=1e-9)
         assert r["objective"] >= res["frank_wolfe"]["objective"] * (1 - 1e-9)
@@ -61,9 +82,27 @@ def test_pareto_cli_writes_table_json_and_figures(checkpoint, tmp_path, capsys):
 
 def test_conflict_cli_fine_tuning_helps_its_own_range(checkpoint, tmp_path, capsys):
     out = tmp_path / "c"
-    rc = conflict_cli.main([str(checkpoint), "--ranges", "0:500,500:1000", "--steps", "15", "--lr", "3e-3",
-                            "--batch-size", "32", "--bins", "2", "--eval-images", "32", "--device", "cpu",
-                            "--out", str(out)])
+    rc = conflict_cli.main(
+        [
+            str(checkpoint),
+            "--ranges",
+            "0:500,500:1000",
+            "--steps",
+            "15",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "32",
+            "--bins",
+            "2",
+            "--eval-images",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "conflict.json").read_text())
     change, base, after = (np.array(report[k]) for k in ("change", "base", "after"))

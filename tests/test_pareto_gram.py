@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from minsnr.config import Config
-from minsnr.pareto.compare import FIGURE4, compare, fixed_weights, instability
-from minsnr.gram import (gram_matrix, make_task_batch, sampled_ranges, task_gradients,
-                                task_losses)
 from minsnr.data import ArrayDataset
+from minsnr.gram import gram_matrix, make_task_batch, sampled_ranges, task_gradients, task_losses
+from minsnr.pareto.compare import FIGURE4, compare, fixed_weights, instability
 from minsnr.pareto.monitor import make_pareto_hook, pareto_metrics
 from minsnr.schedule import make_schedule
-from minsnr.train import HookContext
 from minsnr.timesteps import bins
+from minsnr.train import HookContext
 
 
 class TinyNet(nn.Module):
@@ -64,8 +63,14 @@ def reference_gradients(model: nn.Module, batch, sched, target: str) -> torch.Te
         x0_hat = {"x0": pred, "eps": (x_t - sigma * pred) / alpha, "v": alpha * x_t - sigma * pred}[target]
         model.zero_grad(set_to_none=True)
         ((x0_hat - x0) ** 2).mean().backward()
-        rows.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.flatten()
-                               for p in model.parameters()]))
+        rows.append(
+            torch.cat(
+                [
+                    torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.flatten()
+                    for p in model.parameters()
+                ]
+            )
+        )
     model.zero_grad(set_to_none=True)
     return torch.stack(rows)
 
@@ -159,8 +164,13 @@ def test_fixed_weights_closed_forms():
     np.testing.assert_allclose(fixed_weights(sched, ranges, "const"), np.full(4, 0.25))
     snr = (sched.alphas_cumprod / (1 - sched.alphas_cumprod)).numpy()
     for name, (strategy, gamma) in FIGURE4.items():
-        x0w = {"const": np.ones_like(snr), "snr": snr, "max_snr": np.maximum(snr, 1.0),
-               "min_snr": np.minimum(snr, 5.0), "soft_min_snr": 1 / (1 / snr + 1 / 5.0)}[name]
+        x0w = {
+            "const": np.ones_like(snr),
+            "snr": snr,
+            "max_snr": np.maximum(snr, 1.0),
+            "min_snr": np.minimum(snr, 5.0),
+            "soft_min_snr": 1 / (1 / snr + 1 / 5.0),
+        }[name]
         means = np.array([x0w[lo:hi].mean() for lo, hi in ranges])
         np.testing.assert_allclose(fixed_weights(sched, ranges, strategy, gamma), means / means.sum(), rtol=1e-6)
     w = fixed_weights(sched, ranges, "snr")
@@ -181,7 +191,7 @@ def test_monitor_matches_independent_computation():
     batch = make_task_batch(x0, labels, bins(1000, 5), generator=torch.Generator().manual_seed(7))
     g = reference_gradients(model, batch, sched, "eps").numpy()
     gram = g @ g.T
-    negatives = sum(g[k] @ g[l] < 0 for k in range(5) for l in range(k + 1, 5))
+    negatives = sum(g[k] @ g[j] < 0 for k in range(5) for j in range(k + 1, 5))
     assert 0 <= metrics["pareto/neg_cos_frac"] <= 1
     assert metrics["pareto/neg_cos_frac"] == pytest.approx(negatives / 10)
     snr = (sched.alphas_cumprod / (1 - sched.alphas_cumprod)).numpy()

@@ -11,8 +11,11 @@ from scipy.optimize import minimize
 from minsnr.pareto.compare import cosine_matrix, negative_cosine_fraction
 from minsnr.solvers import FW_VARIANTS, frank_wolfe, objective, ugd
 
-SOLVERS = [lambda g, lam: frank_wolfe(g, lam, variant="pairwise"), lambda g, lam: frank_wolfe(g, lam, variant="away"),
-           lambda g, lam: ugd(g, lam)]
+SOLVERS = [
+    lambda g, lam: frank_wolfe(g, lam, variant="pairwise"),
+    lambda g, lam: frank_wolfe(g, lam, variant="away"),
+    lambda g, lam: ugd(g, lam),
+]
 SOLVER_IDS = ["fw_pairwise", "fw_away", "ugd"]
 
 
@@ -25,9 +28,15 @@ def random_psd(k: int, rank: int, seed: int) -> np.ndarray:
 @functools.cache
 def slsqp(k: int, rank: int, seed: int, lam: float) -> float:
     a = random_psd(k, rank, seed) + lam * np.eye(k)
-    res = minimize(lambda w: w @ a @ w, np.full(k, 1 / k), jac=lambda w: 2 * a @ w, method="SLSQP",
-                   bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
-                   options={"ftol": 1e-15, "maxiter": 2000})
+    res = minimize(
+        lambda w: w @ a @ w,
+        np.full(k, 1 / k),
+        jac=lambda w: 2 * a @ w,
+        method="SLSQP",
+        bounds=[(0, 1)] * k,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        options={"ftol": 1e-15, "maxiter": 2000},
+    )
     assert res.success, res.message
     return float(res.fun)
 

@@ -13,8 +13,8 @@ import torch
 from minsnr.adaptive import ParetoWeight
 from minsnr.compare.presets import parse_weighting
 from minsnr.config import ConfigError
-from minsnr.solvers import ugd
 from minsnr.schedule import make_schedule
+from minsnr.solvers import ugd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import straight_and_resumed  # noqa: E402
@@ -104,7 +104,9 @@ def test_static_step_is_bit_identical_to_the_general_step(tmp_path, weighting):
         static.train_step()
         general.train_step()
         assert_same_state(static, general)
-        for (name, x), (_, y) in zip(static.loss.adaptive.state_dict().items(), general.loss.adaptive.state_dict().items()):
+        for (name, x), (_, y) in zip(
+            static.loss.adaptive.state_dict().items(), general.loss.adaptive.state_dict().items()
+        ):
             assert torch.equal(x, y), name
 
 

@@ -20,10 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def short_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("quickstart")
     common = ["log.preview_every=0", "log.tensorboard=false"]
-    untrained = load_config(ROOT / "configs" / "quickstart.yaml", [f"run_dir={base / 'untrained'}", "train.steps=1",
-                                                                   "optim.lr=1e-12", *common])
-    trained = load_config(ROOT / "configs" / "quickstart.yaml", [f"run_dir={base / 'trained'}", "train.steps=1400",
-                                                                 "checkpoint.every=1400", *common])
+    untrained = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [f"run_dir={base / 'untrained'}", "train.steps=1", "optim.lr=1e-12", *common],
+    )
+    trained = load_config(
+        ROOT / "configs" / "quickstart.yaml",
+        [f"run_dir={base / 'trained'}", "train.steps=1400", "checkpoint.every=1400", *common],
+    )
     train(untrained)
     train(trained)
     return base

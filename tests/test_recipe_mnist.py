@@ -18,8 +18,9 @@ CONFIG = ROOT / "minsnr" / "configs" / "mnist.yaml"
 def fake_mnist(path: Path, n: int = 40) -> Path:
     """MNIST's layout (uint8 [N, 28, 28, 1] under x_train, labels 0..9 under y_train), random pixels."""
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-             y_train=np.arange(n, dtype=np.uint8) % 10)
+    np.savez(
+        path, x_train=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), y_train=np.arange(n, dtype=np.uint8) % 10
+    )
     return path
 
 
@@ -33,8 +34,17 @@ def test_mnist_config_settings():
 
 def test_mnist_config_trains_and_samples_28x28(tmp_path):
     data = fake_mnist(tmp_path / "mnist.npz")
-    cfg = load_config(CONFIG, [f"data.path={data}", f"run_dir={tmp_path / 'run'}", "train.steps=2",
-                               "train.batch_size=8", "log.preview_every=0", "log.tensorboard=false"])
+    cfg = load_config(
+        CONFIG,
+        [
+            f"data.path={data}",
+            f"run_dir={tmp_path / 'run'}",
+            "train.steps=2",
+            "train.batch_size=8",
+            "log.preview_every=0",
+            "log.tensorboard=false",
+        ],
+    )
     out = train(cfg)
     assert out["step"] == 2
     model, saved = load_model(tmp_path / "run" / "checkpoints" / "latest.pt")

@@ -8,14 +8,21 @@ import pytest
 import torch
 
 from minsnr import sampling, schedule, timesteps
-from minsnr.loss import TrainingLoss, diffusion_loss
 from minsnr.config import ConfigError, load_config
 from minsnr.data import SOURCES, ArrayDataset, build_dataset
+from minsnr.loss import TrainingLoss, diffusion_loss
 from minsnr.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}", "train.batch_size=8", "train.steps=2",
-        "log.every=1", "log.preview_every=0", "log.tensorboard=false", "checkpoint.every=0"]
+TINY = [
+    "model.args={patch_size: 2, depth: 1, width: 16, num_heads: 2}",
+    "train.batch_size=8",
+    "train.steps=2",
+    "log.every=1",
+    "log.preview_every=0",
+    "log.tensorboard=false",
+    "checkpoint.every=0",
+]
 
 
 def test_a_new_timestep_distribution_is_one_registry_entry(tmp_path, monkeypatch):
@@ -36,8 +43,9 @@ def test_a_new_timestep_distribution_is_one_registry_entry(tmp_path, monkeypatch
     assert len(seen) == 2 and all(torch.equal(t, torch.full((8,), 7)) for t in seen)
     monkeypatch.setattr(TrainingLoss, "__call__", real)
     # and diffusion_loss on its own draws from the same registry
-    out = diffusion_loss(lambda x, t, y: x, torch.zeros(3, 1, 2, 2), None,
-                                   schedule.make_schedule("cosine"), timesteps="seven")
+    out = diffusion_loss(
+        lambda x, t, y: x, torch.zeros(3, 1, 2, 2), None, schedule.make_schedule("cosine"), timesteps="seven"
+    )
     assert torch.equal(out.t, torch.full((3,), 7))
 
 

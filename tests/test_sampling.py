@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from minsnr.sampling import (CFGDenoiser, VPDenoiser, generate, karras_sigmas, sample_ddim, sample_euler,
-                             sample_heun)
+from minsnr.sampling import CFGDenoiser, VPDenoiser, generate, karras_sigmas, sample_ddim, sample_euler, sample_heun
 from minsnr.schedule import make_schedule
 
 SCHED = make_schedule("cosine")
@@ -71,14 +70,21 @@ def test_heun_gaussian_matches_closed_form_and_moments():
     x = start_noise(2000, 1, sigmas)
     exact = gauss_ode_solution(x, sigmas[0].item())
     err64 = (sample_heun(gauss_denoiser, x, sigmas) - exact).abs().mean().item()
-    err128 = (sample_heun(gauss_denoiser, x, karras_sigmas(128, SCHED.sigma_ve_min, SCHED.sigma_ve_max)) - exact).abs().mean().item()
+    err128 = (
+        (sample_heun(gauss_denoiser, x, karras_sigmas(128, SCHED.sigma_ve_min, SCHED.sigma_ve_max)) - exact)
+        .abs()
+        .mean()
+        .item()
+    )
     assert err64 < 0.02 * S and err128 < err64 / 3
 
 
 def test_heun_mixture_moments():
     mean = (MIX_W * MIX_MU).sum().item()
     var = (MIX_W * (MIX_S**2 + MIX_MU**2)).sum().item() - mean**2
-    out = sample_heun(mixture_denoiser, marginal_start(20000, EDM_RANGE[1], mean, var, seed=1), karras_sigmas(64, *EDM_RANGE))
+    out = sample_heun(
+        mixture_denoiser, marginal_start(20000, EDM_RANGE[1], mean, var, seed=1), karras_sigmas(64, *EDM_RANGE)
+    )
     assert out.mean().item() == pytest.approx(mean, rel=0.02)
     assert out.std().item() == pytest.approx(math.sqrt(var), rel=0.02)
     assert ((out - 1.0).abs() < 1.5).double().mean().item() == pytest.approx(0.5, abs=0.02)  # two modes, half each
@@ -171,13 +177,16 @@ def test_classifier_free_guidance_scales():
 def test_generate_runs_model_end_to_end():
     model = PerfectVPModel("v").double()
     model.register_parameter("dummy", torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)))
-    out = generate(model, SCHED, "v", None, shape=(4000, 1), sampler="heun", steps=32,
-                   generator=torch.Generator().manual_seed(0))
+    out = generate(
+        model, SCHED, "v", None, shape=(4000, 1), sampler="heun", steps=32, generator=torch.Generator().manual_seed(0)
+    )
     assert out.mean().item() == pytest.approx(2.5, rel=0.05)
     seen = []
     recorder = lambda x, t, labels: seen.append(SCHED.sigma_ve(t.double())[0].item()) or model(x, t, labels)  # noqa: E731
     recorder.parameters = model.parameters
     generate(recorder, SCHED, "v", None, shape=(2, 1), sampler="euler", steps=4, sigma_max=80.0)
-    assert seen[0] == pytest.approx(80.0, rel=1e-5) and seen[-1] == pytest.approx(SCHED.sigma_ve_min, rel=1e-5)  # t in float32
+    assert seen[0] == pytest.approx(80.0, rel=1e-5) and seen[-1] == pytest.approx(
+        SCHED.sigma_ve_min, rel=1e-5
+    )  # t in float32
     with pytest.raises(ValueError, match="heun, euler, ddim"):
         generate(model, SCHED, "v", None, shape=(2, 1), sampler="dpm")

@@ -16,12 +16,20 @@ CPU = torch.device("cpu")
 
 def random_dataset(n: int = 53, hflip: bool = True) -> ArrayDataset:
     rng = np.random.default_rng(5)
-    return ArrayDataset(rng.integers(0, 256, (n, 4, 6, 3), dtype=np.uint8), rng.integers(0, 3, n), num_classes=3,
-                        class_names=["a", "b", "c"], hflip=hflip)
+    return ArrayDataset(
+        rng.integers(0, 256, (n, 4, 6, 3), dtype=np.uint8),
+        rng.integers(0, 3, n),
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        hflip=hflip,
+    )
 
 
-@pytest.mark.parametrize("dataset", [random_dataset(), random_dataset(hflip=False), load_digits()],
-                         ids=["rgb_flip", "rgb_noflip", "digits_16_levels"])
+@pytest.mark.parametrize(
+    "dataset",
+    [random_dataset(), random_dataset(hflip=False), load_digits()],
+    ids=["rgb_flip", "rgb_noflip", "digits_16_levels"],
+)
 @pytest.mark.parametrize("world", [1, 2])
 def test_device_batches_equal_the_host_loader_for_three_epochs(dataset, world):
     batch = 8 if len(dataset) < 100 else 128
@@ -50,8 +58,10 @@ def test_device_batches_resume_and_switch_paths(world):
         for _ in range(cut):
             next(first)
         state = first.state_dict()
-        for resumed in (DeviceBatches(dataset, 5, seed=1, device=CPU, rank=world - 1, world_size=world),
-                        Batches(dataset, 5, seed=1, rank=world - 1, world_size=world)):  # switch to the host path
+        for resumed in (
+            DeviceBatches(dataset, 5, seed=1, device=CPU, rank=world - 1, world_size=world),
+            Batches(dataset, 5, seed=1, rank=world - 1, world_size=world),
+        ):  # switch to the host path
             resumed.load_state_dict(state)
             for x, y in want[cut:]:
                 xr, yr = next(resumed)
@@ -93,6 +103,7 @@ def test_choose_path():
 
 # ---- the static step: the CUDA graph's eager twin ----------------------------------------------------
 
+
 def trainer(tmp_path, *extra, general=False):
     from test_train import tiny_cfg
 
@@ -105,8 +116,9 @@ def trainer(tmp_path, *extra, general=False):
 
 
 def assert_same_state(a, b) -> None:
-    for name, (pa, pb) in enumerate(zip([*a.model.parameters(), *a.ema.parameters()],
-                                        [*b.model.parameters(), *b.ema.parameters()])):
+    for name, (pa, pb) in enumerate(
+        zip([*a.model.parameters(), *a.ema.parameters()], [*b.model.parameters(), *b.ema.parameters()])
+    ):
         assert torch.equal(pa, pb), f"parameter {name} differs"
     sa, sb = a.opt.state_dict(), b.opt.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
@@ -119,8 +131,11 @@ def assert_same_state(a, b) -> None:
     assert a.batches.state_dict() == b.batches.state_dict()
 
 
-@pytest.mark.parametrize("extra", [[], ["model.num_classes=0", "loss.label_dropout=0", "optim.grad_clip=0"]],
-                         ids=["conditional_clip", "unconditional_noclip"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["model.num_classes=0", "loss.label_dropout=0", "optim.grad_clip=0"]],
+    ids=["conditional_clip", "unconditional_noclip"],
+)
 def test_static_step_is_bit_identical_to_the_general_step(tmp_path, extra):
     """Through lr warm-up (2 steps), EMA warm-up (every step), label dropout, clipping; and with the data
     on the device in the static run."""
@@ -145,8 +160,19 @@ def test_static_step_keeps_every_tensor_in_place(tmp_path):
 
     def tensors():
         opt = [v for s in t.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return [*t.static.buffers[:1], *t.static.buffers[2:], *t.model.parameters(), *t.ema.parameters(), *opt,
-                t.stats.mse, t.stats.count, t.stats.loss, t.first_bad, t.done, t.ema_weight]
+        return [
+            *t.static.buffers[:1],
+            *t.static.buffers[2:],
+            *t.model.parameters(),
+            *t.ema.parameters(),
+            *opt,
+            t.stats.mse,
+            t.stats.count,
+            t.stats.loss,
+            t.first_bad,
+            t.done,
+            t.ema_weight,
+        ]
 
     before = [(x.data_ptr(), x.shape, x.dtype) for x in tensors()]
     for _ in range(3):
@@ -155,7 +181,7 @@ def test_static_step_keeps_every_tensor_in_place(tmp_path):
     assert [(x.data_ptr(), x.shape, x.dtype) for x in tensors()] == before
     assert int(t.done) == 4 and int(t.stats.loss[1]) == 4
     # a replayed graph cannot see host values: the body must not read the host step counter
-    inputs, step = t._micro_batch(0), t.step
+    inputs = t._micro_batch(0)
     t.step = None
     t.static(*inputs)
     assert int(t.done) == 5
@@ -213,6 +239,7 @@ def test_nan_is_named_by_its_step_on_the_static_path(tmp_path, monkeypatch):
 
 # ---- choices and settings ------------------------------------------------------------------------------
 
+
 def test_default_threads():
     from minsnr.step import default_threads
 
@@ -234,15 +261,18 @@ def test_configure_threads_logs_the_choice(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("args,want", [
-    (("cuda", 1, 1, True, True, "default"), (True, True, "the whole step as one CUDA graph after 3 eager steps")),
-    (("cuda", 1, 1, True, True, "max-autotune-no-cudagraphs"), (True, True, None)),
-    (("cuda", 2, 1, True, False, "default"), (False, False, "2 DDP ranks")),
-    (("cuda", 1, 4, True, False, "default"), (False, False, "train.grad_accum=4")),
-    (("cpu", 1, 1, True, False, "default"), (True, False, "CUDA graphs need a CUDA device")),
-    (("cuda", 1, 1, False, False, "default"), (True, False, "train.cuda_graph=false")),
-    (("cuda", 1, 1, True, True, "reduce-overhead"), (True, False, "the model's own CUDA graphs")),
-])
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        (("cuda", 1, 1, True, True, "default"), (True, True, "the whole step as one CUDA graph after 3 eager steps")),
+        (("cuda", 1, 1, True, True, "max-autotune-no-cudagraphs"), (True, True, None)),
+        (("cuda", 2, 1, True, False, "default"), (False, False, "2 DDP ranks")),
+        (("cuda", 1, 4, True, False, "default"), (False, False, "train.grad_accum=4")),
+        (("cpu", 1, 1, True, False, "default"), (True, False, "CUDA graphs need a CUDA device")),
+        (("cuda", 1, 1, False, False, "default"), (True, False, "train.cuda_graph=false")),
+        (("cuda", 1, 1, True, True, "reduce-overhead"), (True, False, "the model's own CUDA graphs")),
+    ],
+)
 def test_plan_step(args, want):
     from minsnr.step import plan_step
 
@@ -308,14 +338,37 @@ def test_train_speed_benchmark_smoke(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "speed.json"
-    res = subprocess.run([sys.executable, "benchmarks/train_speed.py", "--smoke", "--workloads", "cifar,vit_xl",
-                          "--seconds", "0.5", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/train_speed.py",
+            "--smoke",
+            "--workloads",
+            "cifar,vit_xl",
+            "--seconds",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = json.loads(out.read_text())
-    assert [(r["workload"], r["procs"], r["ok"]) for r in table["results"]] == [("cifar", 1, 1), ("cifar", 2, 2),
-                                                                                ("vit_xl", 1, 1)]
+    assert [(r["workload"], r["procs"], r["ok"]) for r in table["results"]] == [
+        ("cifar", 1, 1),
+        ("cifar", 2, 2),
+        ("vit_xl", 1, 1),
+    ]
     for row in table["results"]:
-        assert row["steps_per_s_total"] > 0 and row["tflops"] > 0 and 0 < row["mfu"] and row["speed_log"].startswith("speed: ")
+        assert (
+            row["steps_per_s_total"] > 0
+            and row["tflops"] > 0
+            and 0 < row["mfu"]
+            and row["speed_log"].startswith("speed: ")
+        )
         assert all(run["steps"] >= 1 and run["batch"] in (16, 32) for run in row["runs"])
     assert table["results"][0]["data"] == "Batches" and table["peak_tflops"] > 0
     assert "cifar" in res.stdout and "MFU" in res.stdout

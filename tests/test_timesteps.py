@@ -1,8 +1,6 @@
 """Timestep distributions: probabilities against independent computations, draws against probabilities,
 and importance sampling's expected gradient against the uniform weighted loss (Monte Carlo, float64)."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -93,14 +91,42 @@ def test_importance_sampling_has_the_weighted_losses_expected_gradient(target):
     x0 = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64).clamp(-1, 1)
     noise = torch.randn(T, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     ts = make_timesteps("importance", sched, "min_snr", 5.0, target)
-    per_t = torch.stack([grads(model, diffusion_loss(model, x0, None, sched, target=target, weighting="min_snr",
-                                                     t=torch.tensor([k]), noise=noise[k:k + 1], timesteps="uniform").loss)
-                         for k in range(T)])  # gradient of w(t) * mse_t for every t
+    per_t = torch.stack(
+        [
+            grads(
+                model,
+                diffusion_loss(
+                    model,
+                    x0,
+                    None,
+                    sched,
+                    target=target,
+                    weighting="min_snr",
+                    t=torch.tensor([k]),
+                    noise=noise[k : k + 1],
+                    timesteps="uniform",
+                ).loss,
+            )
+            for k in range(T)
+        ]
+    )  # gradient of w(t) * mse_t for every t
     exact = per_t.mean(0)  # uniform t: (1/T) sum_t w(t) grad mse_t
     m = 20_000
     t = ts.draw(m, torch.Generator().manual_seed(6))
-    est = grads(model, diffusion_loss(model, x0.expand(m, -1, -1, -1), None, sched, target=target, weighting="min_snr",
-                                      t=t, noise=noise[t], timesteps=ts).loss)
+    est = grads(
+        model,
+        diffusion_loss(
+            model,
+            x0.expand(m, -1, -1, -1),
+            None,
+            sched,
+            target=target,
+            weighting="min_snr",
+            t=t,
+            noise=noise[t],
+            timesteps=ts,
+        ).loss,
+    )
     # the estimator's per-draw spread, from the exact per-t gradients and p(t)
     single = per_t / (T * ts.pmf[:, None])
     sd = ((ts.pmf[:, None] * (single - exact) ** 2).sum(0) / m).sqrt()
@@ -115,9 +141,13 @@ def test_a_loss_spec_is_parsed_by_the_registries():
     assert parse_spec("min_snr") == ("min_snr", None, None)
     assert parse_spec("min_snr:3@importance") == ("min_snr", 3.0, "importance")
     assert parse_spec("const@logit_normal") == ("const", None, "logit_normal")
-    for bad, why in [("minsnr", "did you mean 'min_snr'"), ("const:2", "take a gamma > 0"),
-                     ("min_snr:x", "not a number"), ("min_snr:-1", "take a gamma > 0"),
-                     ("min_snr@bogus", "timestep distribution='bogus' is not valid"),
-                     ("learned@importance", "needs a fixed weight")]:
+    for bad, why in [
+        ("minsnr", "did you mean 'min_snr'"),
+        ("const:2", "take a gamma > 0"),
+        ("min_snr:x", "not a number"),
+        ("min_snr:-1", "take a gamma > 0"),
+        ("min_snr@bogus", "timestep distribution='bogus' is not valid"),
+        ("learned@importance", "needs a fixed weight"),
+    ]:
         with pytest.raises(ValueError, match=why):
             parse_spec(bad)

@@ -13,16 +13,24 @@ import pytest
 import torch
 
 import minsnr.train as train_mod
-from minsnr.loss import TrainingLoss
 from minsnr.checkpoint import load_checkpoint
 from minsnr.config import load_config
 from minsnr.launch import main as train_main
+from minsnr.loss import TrainingLoss
 from minsnr.train import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}", "train.batch_size=16",
-        "log.every=2", "log.preview_every=0", "log.tensorboard=false", "checkpoint.every=2", "checkpoint.keep=10",
-        "optim.warmup_steps=2", "ema.decay=0.9"]
+TINY = [
+    "model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}",
+    "train.batch_size=16",
+    "log.every=2",
+    "log.preview_every=0",
+    "log.tensorboard=false",
+    "checkpoint.every=2",
+    "checkpoint.keep=10",
+    "optim.warmup_steps=2",
+    "ema.decay=0.9",
+]
 
 
 def tiny_cfg(run_dir: Path, *extra: str, model_args: dict | None = None):
@@ -58,7 +66,9 @@ def straight_and_resumed(tmp_path: Path, *extra: str) -> tuple[dict, dict]:
 UNET_DROPOUT = dict(extra=["model.name=unet_tiny", "data.num_workers=1"], model_args={"dropout": 0.3})
 
 
-@pytest.mark.parametrize("variant", [dict(extra=[], model_args=None), UNET_DROPOUT], ids=["vit", "unet_dropout_workers"])
+@pytest.mark.parametrize(
+    "variant", [dict(extra=[], model_args=None), UNET_DROPOUT], ids=["vit", "unet_dropout_workers"]
+)
 def test_resume_is_bit_exact(tmp_path, variant):
     """Dropout draws from the global RNG and workers are restarted: both must resume exactly."""
     extra, args = variant["extra"], variant["model_args"]
@@ -76,8 +86,17 @@ def test_resume_is_bit_exact(tmp_path, variant):
 
 def test_sigkill_then_resume(tmp_path):
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *TINY,
-           f"run_dir={run}", "train.steps=400", "checkpoint.every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minsnr",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        *TINY,
+        f"run_dir={run}",
+        "train.steps=400",
+        "checkpoint.every=1",
+    ]
     log = tmp_path / "stderr.txt"
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
@@ -116,12 +135,15 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-@pytest.mark.parametrize("override,message", [
-    ("loss.weightin=min_snr", "loss.weightin"),
-    ("train.steps=many", "train.steps"),
-    ("loss.weighting=minsnr", "const, snr, max_snr, min_snr, soft_min_snr"),
-    ("data.source=folder", "data.path"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.weightin=min_snr", "loss.weightin"),
+        ("train.steps=many", "train.steps"),
+        ("loss.weighting=minsnr", "const, snr, max_snr, min_snr, soft_min_snr"),
+        ("data.source=folder", "data.path"),
+    ],
+)
 def test_bad_config_fails_early(tmp_path, capsys, override, message):
     code = train_main([str(ROOT / "configs" / "quickstart.yaml"), f"run_dir={tmp_path}", override])
     err = capsys.readouterr().err
@@ -137,8 +159,14 @@ def test_unknown_key_lists_valid_keys(tmp_path, capsys):
 
 
 def test_missing_data_path(tmp_path, capsys):
-    code = train_main([str(ROOT / "configs" / "quickstart.yaml"), f"run_dir={tmp_path}", "data.source=folder",
-                       f"data.path={tmp_path / 'nope'}"])
+    code = train_main(
+        [
+            str(ROOT / "configs" / "quickstart.yaml"),
+            f"run_dir={tmp_path}",
+            "data.source=folder",
+            f"data.path={tmp_path / 'nope'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "nope" in err, err
 
@@ -155,12 +183,29 @@ def test_torchrun_two_ranks_match_one(tmp_path):
     with socket.socket() as sock:  # a free port, so parallel test runs do not collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "minsnr", "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8",
-           f"run_dir={tmp_path / 'ddp'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "minsnr",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        *common,
+        "train.batch_size=8",
+        f"run_dir={tmp_path / 'ddp'}",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    train(load_config(ROOT / "configs" / "quickstart.yaml", [*common, "train.batch_size=16", f"run_dir={tmp_path / 'one'}"]))
+    train(
+        load_config(
+            ROOT / "configs" / "quickstart.yaml", [*common, "train.batch_size=16", f"run_dir={tmp_path / 'one'}"]
+        )
+    )
     a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")
     for name in a["model"]:
@@ -185,6 +230,7 @@ def test_preview_grid_has_a_row_per_class(tmp_path):
 def test_a_failing_hook_is_reported_and_costs_no_checkpoint(tmp_path, capsys):
     """A preview or evaluation that raises (e.g. a VAE that cannot be downloaded) warns and training goes on
     to its final checkpoint, instead of ending the run without it."""
+
     def broken_preview(ctx):
         raise OSError("cannot reach the hub")
 

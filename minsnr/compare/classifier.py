@@ -41,12 +41,16 @@ def resolve_metric(base: Config, settings: Settings) -> str:
     labelled = _labels_of(base) >= 2
     if choice == "auto":
         if not labelled:
-            print(f"the data ({base.data.source} {base.data.path or ''}) has no labels: racing on bits/dim "
-                  "(--metric bpd); --classifier PATH scores fid_cls with a classifier of your own")
+            print(
+                f"the data ({base.data.source} {base.data.path or ''}) has no labels: racing on bits/dim "
+                "(--metric bpd); --classifier PATH scores fid_cls with a classifier of your own"
+            )
         return "fid_cls" if labelled else "bpd"
     if not labelled:
-        raise ConfigError(f"--metric fid_cls trains its classifier on the data's labels, and {base.data.source} "
-                          f"{base.data.path or ''} has none: use --metric bpd, or --classifier PATH")
+        raise ConfigError(
+            f"--metric fid_cls trains its classifier on the data's labels, and {base.data.source} "
+            f"{base.data.path or ''} has none: use --metric bpd, or --classifier PATH"
+        )
     return choice
 
 
@@ -63,7 +67,7 @@ def labelled_images(base: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         idx = np.unique(np.linspace(0, len(ds) - 1, min(MAX_CLASSIFIER_IMAGES, len(ds))).astype(np.int64))
         xs, ys = [], []
         for i in range(0, len(idx), 512):
-            x, y, _ = ds.get_batch(idx[i:i + 512].tolist())
+            x, y, _ = ds.get_batch(idx[i : i + 512].tolist())
             xs.append(to_uint8(x))
             ys.append(y.numpy())
         return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
@@ -73,7 +77,7 @@ def labelled_images(base: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         x_test, y_test = read("test")
     except (KeyError, ValueError):
         perm = np.random.default_rng(0).permutation(len(x))
-        test, train = perm[: len(x) // 10], perm[len(x) // 10:]
+        test, train = perm[: len(x) // 10], perm[len(x) // 10 :]
         return x[train], y[train], x[test], y[test]
     return x, y, x_test, y_test
 
@@ -89,12 +93,16 @@ def ensure_classifier(base: Config, settings: Settings, metric: str, run_dir: Pa
     if choice != "auto":
         weights, meta_path = classifier_paths(choice)
         if not weights.is_file() or not meta_path.is_file():
-            raise ConfigError(f"--classifier {choice}: {weights} or {meta_path} not found "
-                              "(train one with `minsnr train-classifier`, or use --classifier auto)")
+            raise ConfigError(
+                f"--classifier {choice}: {weights} or {meta_path} not found "
+                "(train one with `minsnr train-classifier`, or use --classifier auto)"
+            )
         shape = json.loads(meta_path.read_text()).get("image_shape")
         if shape != want:
-            raise ConfigError(f"--classifier {choice} takes images {shape} (H, W, C), the runs make {want}: use "
-                              "--classifier auto (trained on the images the runs see) or one trained at this size")
+            raise ConfigError(
+                f"--classifier {choice} takes images {shape} (H, W, C), the runs make {want}: use "
+                "--classifier auto (trained on the images the runs see) or one trained at this size"
+            )
         return str(Path(choice).resolve())
     data = data_id(base)
     stem = run_dir / "classifier" / "fid_cls"
@@ -103,19 +111,36 @@ def ensure_classifier(base: Config, settings: Settings, metric: str, run_dir: Pa
         meta = json.loads(meta_path.read_text())
         if meta.get("data") == data and meta.get("epochs") == settings.classifier_epochs:
             return str(stem.resolve())
-        raise ConfigError(f"{meta_path} was trained on {meta.get('data')} for {meta.get('epochs')} epochs, this "
-                          f"comparison needs {data} for {settings.classifier_epochs}; choose another run_dir")
+        raise ConfigError(
+            f"{meta_path} was trained on {meta.get('data')} for {meta.get('epochs')} epochs, this "
+            f"comparison needs {data} for {settings.classifier_epochs}; choose another run_dir"
+        )
     start = time.perf_counter()
     x, y, x_test, y_test = labelled_images(base)
     if list(x.shape[1:]) != want:
-        raise ConfigError(f"the data gives images {list(x.shape[1:])} (H, W, C) but the model makes {want}: set "
-                          "model.input_size / model.in_channels (or data.resolution) to match")
+        raise ConfigError(
+            f"the data gives images {list(x.shape[1:])} (H, W, C) but the model makes {want}: set "
+            "model.input_size / model.in_channels (or data.resolution) to match"
+        )
     model = train_classifier(x, y, epochs=settings.classifier_epochs, seed=base.train.seed, device=device)
     acc = accuracy(model, x_test, y_test, device)
-    save_classifier(model, stem, {"image_shape": list(x.shape[1:]), "num_classes": int(y.max()) + 1, "width": 16,
-                                  "feature_dim": model.head.in_features, "test_accuracy": acc, "data": data,
-                                  "train_images": len(x), "test_images": len(x_test),
-                                  "epochs": settings.classifier_epochs})
-    print(f"fid_cls classifier: {100 * acc:.1f}% on {len(x_test)} held-out images, trained in "
-          f"{time.perf_counter() - start:.0f} s, cached in {stem}.*")
+    save_classifier(
+        model,
+        stem,
+        {
+            "image_shape": list(x.shape[1:]),
+            "num_classes": int(y.max()) + 1,
+            "width": 16,
+            "feature_dim": model.head.in_features,
+            "test_accuracy": acc,
+            "data": data,
+            "train_images": len(x),
+            "test_images": len(x_test),
+            "epochs": settings.classifier_epochs,
+        },
+    )
+    print(
+        f"fid_cls classifier: {100 * acc:.1f}% on {len(x_test)} held-out images, trained in "
+        f"{time.perf_counter() - start:.0f} s, cached in {stem}.*"
+    )
     return str(stem.resolve())

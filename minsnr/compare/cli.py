@@ -36,31 +36,52 @@ def _list(text: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="minsnr compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="minsnr compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a training config YAML")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. run_dir=runs/cmp train.seed=1")
     p.add_argument("--targets", type=_list, help="comma-separated: x0,eps,v (default: all three)")
-    p.add_argument("--weightings", type=_list,
-                   help="comma-separated NAME[:GAMMA][@TIMESTEPS]: baseline (the target's), a weighting "
-                        f"({', '.join(WEIGHTINGS)}), e.g. min_snr:10 or const@logit_normal (timesteps: "
-                        f"{', '.join(TIMESTEPS)}) (default: baseline,min_snr)")
-    p.add_argument("--reference", help="the weighting each run's speed-up is measured against, added when "
-                                       "--weightings lacks it (default: baseline; e.g. min_snr)")
-    p.add_argument("--seeds", type=int, help="seeds per run: seed k trains with train.seed + k (default: 1 for a new "
-                                         "comparison, as many as it has for an existing one; 3 or more for a verdict)")
+    p.add_argument(
+        "--weightings",
+        type=_list,
+        help="comma-separated NAME[:GAMMA][@TIMESTEPS]: baseline (the target's), a weighting "
+        f"({', '.join(WEIGHTINGS)}), e.g. min_snr:10 or const@logit_normal (timesteps: "
+        f"{', '.join(TIMESTEPS)}) (default: baseline,min_snr)",
+    )
+    p.add_argument(
+        "--reference",
+        help="the weighting each run's speed-up is measured against, added when "
+        "--weightings lacks it (default: baseline; e.g. min_snr)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds per run: seed k trains with train.seed + k (default: 1 for a new "
+        "comparison, as many as it has for an existing one; 3 or more for a verdict)",
+    )
     p.add_argument("--steps", type=int, help="training steps per run (train.steps)")
     p.add_argument("--eval-every", type=int, help="score every K steps (log.eval_every)")
     p.add_argument("--eval-num", type=int, help="samples per evaluation (log.eval_num)")
-    p.add_argument("--metric", help="the score: auto (fid_cls for labelled data, bpd for unlabelled), fid_cls, fid "
-                                    "(Inception; needs its weights), bpd (held-out bits/dim, no labels needed)")
-    p.add_argument("--classifier", help="for fid_cls: auto (trained on the images the runs see, cached in RUN_DIR), "
-                                        "or a classifier file from `minsnr train-classifier`; inception = --metric fid")
+    p.add_argument(
+        "--metric",
+        help="the score: auto (fid_cls for labelled data, bpd for unlabelled), fid_cls, fid "
+        "(Inception; needs its weights), bpd (held-out bits/dim, no labels needed)",
+    )
+    p.add_argument(
+        "--classifier",
+        help="for fid_cls: auto (trained on the images the runs see, cached in RUN_DIR), "
+        "or a classifier file from `minsnr train-classifier`; inception = --metric fid",
+    )
     p.add_argument("--classifier-epochs", type=int, help="epochs of the auto classifier (default 8)")
     p.add_argument("--bin-images", type=int, help="held-out images for the final per-bin x0 MSE (default 1000)")
     p.add_argument("--jobs", type=int, help="runs at a time (default: one per CPU core; on a GPU, all)")
-    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
-                   help="pin each concurrent run to its own CPU cores (default: on)")
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pin each concurrent run to its own CPU cores (default: on)",
+    )
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the runs; train nothing")
     a = p.parse_intermixed_args(argv)
     try:
@@ -68,8 +89,18 @@ def main(argv: list[str]) -> int:
         flags = {"train.steps": a.steps, "log.eval_every": a.eval_every, "log.eval_num": a.eval_num}
         overrides = [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
         base = load_config(path, overrides)
-        for name in ("targets", "weightings", "reference", "classifier", "classifier_epochs", "bin_images", "jobs", "pin", "seeds",
-                     "metric"):
+        for name in (
+            "targets",
+            "weightings",
+            "reference",
+            "classifier",
+            "classifier_epochs",
+            "bin_images",
+            "jobs",
+            "pin",
+            "seeds",
+            "metric",
+        ):
             if getattr(a, name) is not None:
                 setattr(settings, name, getattr(a, name))
         if settings.jobs < 0:

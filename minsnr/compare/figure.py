@@ -23,8 +23,12 @@ def _mean_band(seeds: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.
             by_step.setdefault(st, []).append(v)
     steps = np.array(sorted(by_step))
     vals = [np.array(by_step[s]) for s in steps]
-    return (steps, np.array([np.exp(np.log(v).mean()) for v in vals]), np.array([v.min() for v in vals]),
-            np.array([v.max() for v in vals]))
+    return (
+        steps,
+        np.array([np.exp(np.log(v).mean()) for v in vals]),
+        np.array([v.min() for v in vals]),
+        np.array([v.max() for v in vals]),
+    )
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -54,7 +58,7 @@ def draw(result: dict[str, Any], path: Path) -> None:
     fig = plt.figure(figsize=(max(11.0, 4.6 * len(targets)), 8.2 + 0.12 * len(raced)))
     grid = fig.add_gridspec(2, 2 * len(targets), height_ratios=[1, 1 + 0.04 * len(raced)])
     for k, target in enumerate(targets):
-        ax = fig.add_subplot(grid[0, 2 * k:2 * k + 2])
+        ax = fig.add_subplot(grid[0, 2 * k : 2 * k + 2])
         panel = [r for r in runs if r["target"] == target and any(s["steps"] for s in r["seeds"])]
         for r in panel:
             c = color[r["name"].split("_", 1)[1]]
@@ -89,8 +93,15 @@ def _level_lines(ax: Any, panel: list[dict[str, Any]]) -> None:
     for name, (label, c, _) in LEVEL_STYLE.items():
         level = float(np.exp(np.mean([np.log(s[name]["level"]) for s in race["seeds"]])))
         ax.axhline(level, color=c, linestyle="--", linewidth=0.8)
-        ax.annotate(f"ref {label}", (1.0, level), xycoords=("axes fraction", "data"), fontsize=7, color=c,
-                    ha="right", va="bottom")
+        ax.annotate(
+            f"ref {label}",
+            (1.0, level),
+            xycoords=("axes fraction", "data"),
+            fontsize=7,
+            color=c,
+            ha="right",
+            va="bottom",
+        )
 
 
 def _forest(ax: Any, raced: list[dict[str, Any]]) -> None:
@@ -106,8 +117,14 @@ def _forest(ax: Any, raced: list[dict[str, Any]]) -> None:
             noisy = lv["verdict"] == "within noise"
             if lv["low"] is not None:
                 ax.plot([lv["low"], lv["high"]], [y, y], color=c, alpha=0.4 if noisy else 1, linewidth=1.5)
-            ax.plot([lv["geomean"]], [y], marker, color=c, mfc="white" if noisy else c,
-                    label=f"at ref {label}" if i == 0 else None)
+            ax.plot(
+                [lv["geomean"]],
+                [y],
+                marker,
+                color=c,
+                mfc="white" if noisy else c,
+                label=f"at ref {label}" if i == 0 else None,
+            )
             if lv["low"] is None:  # one seed: its single reading
                 ax.plot(lv["speedups"], [y] * len(lv["speedups"]), "|", color=c)
     ax.axvline(1.0, color="gray", linewidth=0.8)
@@ -127,13 +144,19 @@ def _bin_panel(ax: Any, runs: list[dict[str, Any]]) -> None:
         return
     from matplotlib.colors import LogNorm
 
-    mse = np.array([np.exp(np.mean(np.log([s["bin_mse"] for s in r["seeds"] if s["bin_mse"]]), axis=0))
-                    for r in runs])
+    mse = np.array([np.exp(np.mean(np.log([s["bin_mse"] for s in r["seeds"] if s["bin_mse"]]), axis=0)) for r in runs])
     ratio = mse / mse.min(axis=0, keepdims=True)
     ax.imshow(ratio, cmap="Reds", norm=LogNorm(1.0, 4.0), aspect="auto")  # 4x and worse: the darkest red
     for (i, j), v in np.ndenumerate(ratio):
-        ax.text(j, i, f"{v:.2f}" if v < 10 else f"{v:.0e}", ha="center", va="center", fontsize=6.5,
-                color="white" if v > 2.5 else "black")
+        ax.text(
+            j,
+            i,
+            f"{v:.2f}" if v < 10 else f"{v:.0e}",
+            ha="center",
+            va="center",
+            fontsize=6.5,
+            color="white" if v > 2.5 else "black",
+        )
     ax.set_yticks(range(len(runs)), [r["name"] for r in runs], fontsize=8)
     bins = next(s["bins"] for s in runs[0]["seeds"] if s["bins"])
     ax.set_xticks(range(mse.shape[1]), [str(lo) for lo, _ in bins], fontsize=8)

@@ -61,8 +61,10 @@ def resolve(source: str) -> tuple[Path, Settings]:
     if source in PRESETS:
         path = PACKAGED_CONFIGS / "compare" / f"{source}.yaml"
         if not path.is_file():
-            raise ConfigError(f"preset {source!r} expects {path}, which is missing (minsnr installed without its "
-                              "configs/ folder?); pass a config YAML instead")
+            raise ConfigError(
+                f"preset {source!r} expects {path}, which is missing (minsnr installed without its "
+                "configs/ folder?); pass a config YAML instead"
+            )
         return path, dataclasses.replace(PRESETS[source])
     path = Path(source)
     if not path.is_file():
@@ -93,8 +95,10 @@ def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunS
     try:
         weighting, gamma, timesteps = parse_spec(name + colon + gamma_text + at + rest)
     except ValueError as err:
-        raise ConfigError(f"weighting {token!r}: {err}; or baseline, the target's own (optionally NAME:GAMMA, e.g. "
-                          "min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)") from None
+        raise ConfigError(
+            f"weighting {token!r}: {err}; or baseline, the target's own (optionally NAME:GAMMA, e.g. "
+            "min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)"
+        ) from None
     if gamma is not None:
         return RunSpec(target, weighting, gamma, explicit_gamma=True, timesteps=timesteps)
     default = STRATEGIES[weighting][1] if weighting in STRATEGIES else None
@@ -132,18 +136,33 @@ def run_folder(run_dir: Path, seed: int, name: str) -> Path:
     return run_dir / f"seed{seed}" / name
 
 
-def run_config(base: Config, spec: RunSpec, run_dir: Path, classifier: str | None, threads: int,
-               seed: int | None = None, metric: str = "auto") -> Config:
+def run_config(
+    base: Config,
+    spec: RunSpec,
+    run_dir: Path,
+    classifier: str | None,
+    threads: int,
+    seed: int | None = None,
+    metric: str = "auto",
+) -> Config:
     """The ordinary training config of one run: the base config with only the loss, the run folder, the
     evaluation classifier, the thread count and the seed changed (data, schedule and model stay shared).
     seed None: the base config's seed."""
     seed = base.train.seed if seed is None else seed
-    cfg = dataclasses.replace(base, run_dir=str(run_folder(run_dir, seed, spec.name)), resume="auto",
-                              loss=dataclasses.replace(base.loss, target=spec.target, weighting=spec.weighting,
-                                                       gamma=spec.gamma,
-                                                       timesteps=spec.timesteps or base.loss.timesteps),
-                              log=dataclasses.replace(base.log, eval_classifier=classifier, eval_metric=metric),
-                              train=dataclasses.replace(base.train, threads=threads, seed=seed))
+    cfg = dataclasses.replace(
+        base,
+        run_dir=str(run_folder(run_dir, seed, spec.name)),
+        resume="auto",
+        loss=dataclasses.replace(
+            base.loss,
+            target=spec.target,
+            weighting=spec.weighting,
+            gamma=spec.gamma,
+            timesteps=spec.timesteps or base.loss.timesteps,
+        ),
+        log=dataclasses.replace(base.log, eval_classifier=classifier, eval_metric=metric),
+        train=dataclasses.replace(base.train, threads=threads, seed=seed),
+    )
     return cfg
 
 
@@ -155,8 +174,10 @@ def check_base(base: Config) -> tuple[Config, list[str]]:
         raise ConfigError("log.eval_every must be > 0 for a comparison (e.g. --eval-every 250)")
     if log.eval_every % log.every:
         every = math.gcd(log.eval_every, log.every)
-        notes.append(f"log.every={log.every} -> {every}: an evaluation every {log.eval_every} steps must fall on a "
-                     "logged step, so that a non-finite loss is caught before the evaluation that would sample from it")
+        notes.append(
+            f"log.every={log.every} -> {every}: an evaluation every {log.eval_every} steps must fall on a "
+            "logged step, so that a non-finite loss is caught before the evaluation that would sample from it"
+        )
         base = dataclasses.replace(base, log=dataclasses.replace(log, every=every))
     if base.data.source == "latent":
         raise ConfigError("data.source=latent: compare scores pixel-space runs only (fid_cls or FID during training)")

@@ -19,8 +19,8 @@ import numpy as np
 from minsnr.compare import verdict
 from minsnr.compare.presets import RunSpec, run_folder
 from minsnr.compare.worker import LOSSES, STATUS
-from minsnr.files import read_json
 from minsnr.evaluate.plots import read_metric
+from minsnr.files import read_json
 
 LEVEL_LABELS = {"quarter": "at ref 1/4", "half": "at ref 1/2", "end": "at ref end"}
 DONE = ("finished", "diverged")
@@ -34,11 +34,17 @@ def seed_run(folder: Path, metric: str, seed: int) -> dict[str, Any]:
     acc_steps, acc = read_metric(folder, "cls_acc") if has_log else (np.zeros(0),) * 2
     status = read_json(folder / STATUS) or {"state": "running" if len(steps) else "not started", "step": None}
     losses = read_json(folder / LOSSES)
-    return {"seed": seed, "status": status["state"], "status_step": status["step"],
-            "steps": steps[ok].tolist(), "values": values[ok].tolist(), "dropped": int((~ok).sum()),
-            "cls_acc": dict(zip(map(int, acc_steps), map(float, acc))),
-            "bin_mse": None if losses is None else losses["mse"],
-            "bins": None if losses is None else losses["bins"]}
+    return {
+        "seed": seed,
+        "status": status["state"],
+        "status_step": status["step"],
+        "steps": steps[ok].tolist(),
+        "values": values[ok].tolist(),
+        "dropped": int((~ok).sum()),
+        "cls_acc": dict(zip(map(int, acc_steps), map(float, acc))),
+        "bin_mse": None if losses is None else losses["mse"],
+        "bins": None if losses is None else losses["bins"],
+    }
 
 
 def _curve(s: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -53,12 +59,26 @@ def build(run_dir: Path, specs: list[RunSpec], seeds: list[int], state: dict[str
     runs = []
     for spec in specs:
         per_seed = [seed_run(run_folder(run_dir, s, spec.name), metric, s) for s in seeds]
-        runs.append({"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
-                     "timesteps": spec.timesteps, "reference": spec.reference, "seeds": per_seed})
+        runs.append(
+            {
+                "name": spec.name,
+                "target": spec.target,
+                "weighting": spec.weighting,
+                "gamma": spec.gamma,
+                "timesteps": spec.timesteps,
+                "reference": spec.reference,
+                "seeds": per_seed,
+            }
+        )
     noise: dict[str, float] = {}
     for target in dict.fromkeys(r["target"] for r in runs):
-        curves = [np.log(s["values"]) for r in runs if r["target"] == target for s in r["seeds"]
-                  if s["status"] in DONE and s["values"]]
+        curves = [
+            np.log(s["values"])
+            for r in runs
+            if r["target"] == target
+            for s in r["seeds"]
+            if s["status"] in DONE and s["values"]
+        ]
         noise[target] = verdict.plateau_noise(curves)
     for r in runs:
         ref = next((b for b in runs if b["target"] == r["target"] and b["reference"]), None)
@@ -68,21 +88,36 @@ def build(run_dir: Path, specs: list[RunSpec], seeds: list[int], state: dict[str
             continue
         if r is ref:
             continue
-        pairs = [(a, b) for a, b in zip(ref["seeds"], r["seeds"])
-                 if a["status"] in DONE and b["status"] in DONE and a["values"]]
+        pairs = [
+            (a, b)
+            for a, b in zip(ref["seeds"], r["seeds"])
+            if a["status"] in DONE and b["status"] in DONE and a["values"]
+        ]
         if not pairs:
             r["note"] = "no seed with both runs done yet"
             continue
-        r["race"] = verdict.race([_curve(a) for a, _ in pairs], [_curve(b) for _, b in pairs], state["steps"],
-                                 noise[r["target"]], [b["status"] == "diverged" for _, b in pairs])
+        r["race"] = verdict.race(
+            [_curve(a) for a, _ in pairs],
+            [_curve(b) for _, b in pairs],
+            state["steps"],
+            noise[r["target"]],
+            [b["status"] == "diverged" for _, b in pairs],
+        )
         r["race"]["paired_seeds"] = [a["seed"] for a, _ in pairs]
         if len(pairs) < len(seeds):
             r["note"] = f"{len(pairs)} of {len(seeds)} seeds done"
         diverged = [a["seed"] for a, _ in pairs if a["status"] == "diverged"]
         if diverged:
             r["note"] += f" reference diverged in seed(s) {', '.join(map(str, diverged))}: levels from its curve before"
-    result = {"metric": metric, "steps": state["steps"], "eval_every": state["eval_every"], "seeds": seeds,
-              "noise": noise, "sanity": state.get("sanity"), "runs": runs}
+    result = {
+        "metric": metric,
+        "steps": state["steps"],
+        "eval_every": state["eval_every"],
+        "seeds": seeds,
+        "noise": noise,
+        "sanity": state.get("sanity"),
+        "runs": runs,
+    }
     result["warnings"] = warnings(state.get("sanity") or {}, runs, state["steps"])
     return result
 
@@ -142,28 +177,40 @@ def _sanity_lines(result: dict[str, Any]) -> list[str]:
     nz = sanity.get("noise")
     if nz:
         run = Path(nz["checkpoint"]).parents[1]
-        parts.append(f"{run.parent.name}/{run.name} at step {nz.get('step')} under {len(nz['scores'])} evaluation "
-                     f"seeds {min(nz['scores']):.4g}-{max(nz['scores']):.4g} (noise {100 * nz['sd_log']:.1f}%)")
+        parts.append(
+            f"{run.parent.name}/{run.name} at step {nz.get('step')} under {len(nz['scores'])} evaluation "
+            f"seeds {min(nz['scores']):.4g}-{max(nz['scores']):.4g} (noise {100 * nz['sd_log']:.1f}%)"
+        )
     lines = [f"score check ({m}): " + ("; ".join(parts) if parts else "not measured yet")]
     clf = sanity.get("classifier")
     if clf:
         acc = clf.get("test_accuracy")
-        lines.append(f"  fid_cls classifier: {clf['num_classes']} classes, " + (
-            "held-out accuracy not recorded" if acc is None else f"{100 * acc:.1f}% right on held-out images"))
-    lines.append("  curve noise per evaluation on the plateaus: " + ", ".join(
-        f"{t} {100 * v:.1f}%" for t, v in result["noise"].items()))
+        lines.append(
+            f"  fid_cls classifier: {clf['num_classes']} classes, "
+            + ("held-out accuracy not recorded" if acc is None else f"{100 * acc:.1f}% right on held-out images")
+        )
+    lines.append(
+        "  curve noise per evaluation on the plateaus: "
+        + ", ".join(f"{t} {100 * v:.1f}%" for t, v in result["noise"].items())
+    )
     return lines + [f"warning: {w}" for w in result.get("warnings", [])]
 
 
 def table(result: dict[str, Any]) -> str:
     m, seeds = result["metric"], result["seeds"]
-    head = (f"{m} every {result['eval_every']} steps, lower is better; {len(seeds)} seed(s): train.seed "
-            f"{', '.join(map(str, seeds))}")
-    rows = [head, *_sanity_lines(result), "",
-            "speed-up over the target's reference (*) in reaching its smoothed score at 1/4, 1/2 and the end of its "
-            "run: geometric mean over seeds [95% t-interval]; ~ within noise",
-            f"{'run':<26} {'seeds':<16} {'final':>20}  {LEVEL_LABELS['quarter']:<24}{LEVEL_LABELS['half']:<24}"
-            f"{LEVEL_LABELS['end']:<24}verdict"]
+    head = (
+        f"{m} every {result['eval_every']} steps, lower is better; {len(seeds)} seed(s): train.seed "
+        f"{', '.join(map(str, seeds))}"
+    )
+    rows = [
+        head,
+        *_sanity_lines(result),
+        "",
+        "speed-up over the target's reference (*) in reaching its smoothed score at 1/4, 1/2 and the end of its "
+        "run: geometric mean over seeds [95% t-interval]; ~ within noise",
+        f"{'run':<26} {'seeds':<16} {'final':>20}  {LEVEL_LABELS['quarter']:<24}{LEVEL_LABELS['half']:<24}"
+        f"{LEVEL_LABELS['end']:<24}verdict",
+    ]
     runs = result["runs"]
     for r in runs:
         name = r["name"] + (" *" if r["reference"] else "")
@@ -178,10 +225,14 @@ def table(result: dict[str, Any]) -> str:
         else:
             cells, last = ["-"] * 3, ""
         note = f"  {r['note'].strip()}" if r["note"].strip() else ""
-        rows.append(f"{name:<26} {_status(r):<16} {_final(r):>20}  " + "".join(f"{c:<23} " for c in cells)
-                    + last + note)
-    rows += ["", "per seed, at 1/4, 1/2, end (>= reached before the second evaluation; < never reached; "
-             "~ within noise in that seed)"]
+        rows.append(
+            f"{name:<26} {_status(r):<16} {_final(r):>20}  " + "".join(f"{c:<23} " for c in cells) + last + note
+        )
+    rows += [
+        "",
+        "per seed, at 1/4, 1/2, end (>= reached before the second evaluation; < never reached; "
+        "~ within noise in that seed)",
+    ]
     raced = [r for r in runs if r["race"]]
     if raced:
         rows.append(f"{'run':<26} " + "".join(f"{'seed' + str(s):<24}" for s in seeds))
@@ -192,8 +243,10 @@ def table(result: dict[str, Any]) -> str:
             reading = by_seed.get(s)
             cells.append("-" if reading is None else " ".join(_seed_cell(reading[lv]) for lv in verdict.LEVELS))
         rows.append(f"{r['name']:<26} " + "".join(f"{c:<24}" for c in cells))
-    rows.append("* the target's reference: by default its baseline (section 4.2: const for x0, the plain eps MSE for "
-                "eps, the plain v MSE for v); --reference chooses another")
+    rows.append(
+        "* the target's reference: by default its baseline (section 4.2: const for x0, the plain eps MSE for "
+        "eps, the plain v MSE for v); --reference chooses another"
+    )
     return "\n".join(rows)
 
 

@@ -20,27 +20,29 @@ once by default (the processes share the GPU; pinning still splits the CPU cores
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import resource
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from minsnr.compare.pool import Todo, label, run_all, slots
 from minsnr.compare.presets import RunSpec, Settings, check_base, run_config, run_matrix, seed_values
 from minsnr.compare.worker import LOSSES, STATUS
-from minsnr.files import read_json, write_json
 from minsnr.config import Config, ConfigError, dump_yaml, to_dict
+from minsnr.files import read_json, write_json
 
 FORMAT = "minsnr-compare/2"  # /2: seeds, runs in RUN_DIR/seed<S>/<run>
 STATE = "compare.json"
-PER_RUN = ("run_dir", "train.steps", "train.threads", "loss.target", "loss.weighting",
-           "log.eval_classifier", "log.eval_metric")
-Todo = tuple[RunSpec, int, Path]  # (run, seed, its config.yaml)
+PER_RUN = (
+    "run_dir",
+    "train.steps",
+    "train.threads",
+    "loss.target",
+    "loss.weighting",
+    "log.eval_classifier",
+    "log.eval_metric",
+)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,35 +66,47 @@ def load_state(run_dir: Path, base: Config, classifier: str, metric: str) -> dic
     shared = shared_config(base)
     state = read_json(run_dir / STATE)
     if state is None:
-        return {"format": FORMAT, "config": shared, "steps": base.train.steps, "eval_every": base.log.eval_every,
-                "classifier": classifier, "metric": metric, "runs": [], "seeds": 0}
+        return {
+            "format": FORMAT,
+            "config": shared,
+            "steps": base.train.steps,
+            "eval_every": base.log.eval_every,
+            "classifier": classifier,
+            "metric": metric,
+            "runs": [],
+            "seeds": 0,
+        }
     if state.get("format") == "minsnr-compare":
-        raise ConfigError(f"{run_dir / STATE} is a one-seed comparison of an older minsnr (runs in RUN_DIR/<run>); "
-                          "choose another run_dir (its runs stay where they are)")
+        raise ConfigError(
+            f"{run_dir / STATE} is a one-seed comparison of an older minsnr (runs in RUN_DIR/<run>); "
+            "choose another run_dir (its runs stay where they are)"
+        )
     if state.get("format") != FORMAT:
         raise ConfigError(f"{run_dir / STATE} is not a minsnr comparison; choose another run_dir")
     changed = sorted(k for k in set(shared) | set(state["config"]) if shared.get(k) != state["config"].get(k))
     if changed:
         diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {shared.get(k)!r}" for k in changed[:5])
-        raise ConfigError(f"{run_dir / STATE} was started with another config ({diffs}); rerun with the same "
-                          "settings to continue it, or choose another run_dir")
+        raise ConfigError(
+            f"{run_dir / STATE} was started with another config ({diffs}); rerun with the same "
+            "settings to continue it, or choose another run_dir"
+        )
     if state.get("metric") != metric:
-        raise ConfigError(f"{run_dir / STATE} scores with {state.get('metric')!r}, not {metric!r}; use the same "
-                          "--metric or another run_dir")
+        raise ConfigError(
+            f"{run_dir / STATE} scores with {state.get('metric')!r}, not {metric!r}; use the same "
+            "--metric or another run_dir"
+        )
     if state["classifier"] != classifier:
-        raise ConfigError(f"{run_dir / STATE} scores with classifier {state['classifier']!r}, not {classifier!r}; "
-                          "use the same --classifier or another run_dir")
+        raise ConfigError(
+            f"{run_dir / STATE} scores with classifier {state['classifier']!r}, not {classifier!r}; "
+            "use the same --classifier or another run_dir"
+        )
     if base.train.steps < state["steps"]:
-        raise ConfigError(f"{run_dir / STATE} trains to {state['steps']} steps; --steps/train.steps may grow, "
-                          f"not shrink to {base.train.steps}")
+        raise ConfigError(
+            f"{run_dir / STATE} trains to {state['steps']} steps; --steps/train.steps may grow, "
+            f"not shrink to {base.train.steps}"
+        )
     state["steps"] = base.train.steps
     return state
-
-
-def slots(jobs: int, cores: list[int]) -> list[list[int]]:
-    """CPU cores of each concurrent slot: disjoint and equal when jobs <= cores, shared round-robin beyond."""
-    per = max(1, len(cores) // jobs)
-    return [[cores[(i * per + k) % len(cores)] for k in range(per)] for i in range(jobs)]
 
 
 def run_is_done(run_dir: Path, steps: int, bin_images: int) -> str | None:
@@ -103,120 +117,39 @@ def run_is_done(run_dir: Path, steps: int, bin_images: int) -> str | None:
     if status["state"] == "diverged":
         return "diverged"
     losses = read_json(run_dir / LOSSES)
-    if (status["state"] == "finished" and status["step"] >= steps and losses is not None
-            and losses["step"] == status["step"] and losses["num_images"] == bin_images):
+    if (
+        status["state"] == "finished"
+        and status["step"] >= steps
+        and losses is not None
+        and losses["step"] == status["step"]
+        and losses["num_images"] == bin_images
+    ):
         return "finished"
     return None
 
 
-@dataclass
-class Job:
-    spec: RunSpec
-    seed: int
-    config_path: Path
-    proc: subprocess.Popen[bytes]
-    log: TextIO
-    cores: list[int]
-    start: float
-
-
-def _launch(spec: RunSpec, seed: int, config_path: Path, cores: list[int], pin: bool, threads: int,
-            bin_images: int) -> Job:
-    import minsnr
-
-    root = str(Path(minsnr.__file__).resolve().parents[1])  # the children import this same minsnr
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TQDM_MININTERVAL": "30", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "minsnr.compare.worker", str(config_path), "--bin-images", str(bin_images),
-           "--parent", str(os.getpid())]
-    if pin:
-        cmd += ["--cpus", ",".join(map(str, cores))]
-    (config_path.parent / STATUS).unlink(missing_ok=True)  # a stale status must not outlive this attempt
-    log = (config_path.parent / "compare.log").open("a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return Job(spec, seed, config_path, proc, log, cores, time.perf_counter())
-
-
-def _last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return int(json.loads(lines[-1])["step"]) if lines else 0
-
-
-def run_all(todo: list[Todo], jobs: int, cores: list[int], pin: bool, bin_images: int,
-            steps: int, progress_every: float = 60.0) -> bool:
-    """Train the runs, `jobs` at a time; returns False if interrupted (Ctrl-C or SIGTERM: every run saves a
-    checkpoint and stops, and a rerun continues)."""
-    pool = slots(jobs, cores)
-    free = list(range(jobs))
-    queue, running = list(todo), {}
-    t0 = last_report = time.perf_counter()
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, stop)
-    try:
-        while queue or running:
-            while queue and free:
-                slot = free.pop(0)
-                spec, seed, path = queue.pop(0)
-                running[slot] = _launch(spec, seed, path, pool[slot], pin, len(pool[slot]), bin_images)
-                where = f"cores {pool[slot]}" if pin else "unpinned"
-                print(f"[{time.perf_counter() - t0:6.0f} s] started  {_label(spec, seed)} ({where}, "
-                      f"{len(pool[slot])} thread(s))", flush=True)
-            time.sleep(0.2)
-            for slot, job in list(running.items()):
-                if job.proc.poll() is None:
-                    continue
-                job.log.close()
-                del running[slot]
-                free.append(slot)
-                status = read_json(job.config_path.parent / STATUS) or {
-                    "state": "failed", "step": None, "message": f"exit code {job.proc.returncode}, no status written"}
-                took = time.perf_counter() - job.start
-                extra = f" at step {status['step']}" if status["step"] is not None else ""
-                msg = f": {status['message']} (log: {job.config_path.parent / 'compare.log'})" \
-                    if status["state"] == "failed" else ""
-                print(f"[{time.perf_counter() - t0:6.0f} s] {status['state']:<8} {_label(job.spec, job.seed)}{extra} "
-                      f"in {took:.0f} s{msg}", flush=True)
-            if running and time.perf_counter() - last_report > progress_every:
-                last_report = time.perf_counter()
-                print(f"[{last_report - t0:6.0f} s] " + "  ".join(
-                    f"{_label(j.spec, j.seed)} {_last_step(j.config_path.parent)}/{steps}" for j in running.values()),
-                    flush=True)
-    except KeyboardInterrupt:
-        for job in running.values():  # first, so a failing print (a closed pipe) cannot orphan them
-            if job.proc.poll() is None:
-                job.proc.send_signal(signal.SIGINT)
-        try:
-            print("interrupted: every running run saves a checkpoint and stops; rerun the same command to continue",
-                  file=sys.stderr, flush=True)
-        except OSError:
-            pass
-        for job in running.values():
-            job.proc.wait()
-            job.log.close()
-        return False
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    return True
-
-
-def _label(spec: RunSpec, seed: int) -> str:
-    return f"seed{seed}/{spec.name}"
-
-
-def prepare_runs(base: Config, specs: list[RunSpec], seeds: list[int], bin_images: int, run_dir: Path,
-                 classifier: str | None, metric: str, threads: int, state: dict[str, Any]) -> list[Todo]:
+def prepare_runs(
+    base: Config,
+    specs: list[RunSpec],
+    seeds: list[int],
+    bin_images: int,
+    run_dir: Path,
+    classifier: str | None,
+    metric: str,
+    threads: int,
+    state: dict[str, Any],
+) -> list[Todo]:
     """Write every run's config.yaml, add new runs to the state; -> the runs that need training, seed by seed
     (so that a comparison stopped early holds whole seeds)."""
     todo = []
     for spec in specs:
-        entry = {"name": spec.name, "target": spec.target, "weighting": spec.weighting, "gamma": spec.gamma,
-                 "timesteps": spec.timesteps or base.loss.timesteps}
+        entry = {
+            "name": spec.name,
+            "target": spec.target,
+            "weighting": spec.weighting,
+            "gamma": spec.gamma,
+            "timesteps": spec.timesteps or base.loss.timesteps,
+        }
         if entry not in state["runs"]:
             state["runs"].append(entry)
     for seed in seeds:
@@ -225,8 +158,10 @@ def prepare_runs(base: Config, specs: list[RunSpec], seeds: list[int], bin_image
             folder = Path(cfg.run_dir)
             done = run_is_done(folder, base.train.steps, bin_images)
             if done:
-                print(f"{_label(spec, seed)}: {done} earlier, reused"
-                      + (" (delete the folder to retry)" if done == "diverged" else ""))
+                print(
+                    f"{label(spec, seed)}: {done} earlier, reused"
+                    + (" (delete the folder to retry)" if done == "diverged" else "")
+                )
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, folder / "config.yaml")
@@ -269,8 +204,9 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
         return _locked(base, settings, specs, run_dir, metric)
 
 
-def _locked(base: Config, settings: Settings, specs: list[RunSpec], run_dir: Path,
-            metric: str) -> tuple[int, dict[str, Any]]:
+def _locked(
+    base: Config, settings: Settings, specs: list[RunSpec], run_dir: Path, metric: str
+) -> tuple[int, dict[str, Any]]:
     """compare() once it holds the comparison's lock."""
     import torch
 
@@ -294,34 +230,49 @@ def _locked(base: Config, settings: Settings, specs: list[RunSpec], run_dir: Pat
     measure_sanity(check, metric, classifier, run_dir, state, device)
     finished = True
     if todo:
-        print(f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
-              f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/seed*/<run>/compare.log")
+        print(
+            f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
+            f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/seed*/<run>/compare.log"
+        )
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        session = {"runs": [_label(s, seed) for s, seed, _ in todo], "jobs": jobs, "threads": threads,
-                   "wall_s": time.perf_counter() - start, "cpu_s": cpu, "load": os.getloadavg()}
+        session = {
+            "runs": [label(s, seed) for s, seed, _ in todo],
+            "jobs": jobs,
+            "threads": threads,
+            "wall_s": time.perf_counter() - start,
+            "cpu_s": cpu,
+            "load": os.getloadavg(),
+        }
         state.setdefault("sessions", []).append(session)  # how long it took, to plan the next one
-        print(f"trained in {session['wall_s']:.0f} s wall, {cpu:.0f} CPU-seconds in the runs "
-              f"(load average now {session['load'][0]:.1f})")
+        print(
+            f"trained in {session['wall_s']:.0f} s wall, {cpu:.0f} CPU-seconds in the runs "
+            f"(load average now {session['load'][0]:.1f})"
+        )
     if finished:
         measure_sanity(check, metric, classifier, run_dir, state, device)
     code = _report(run_dir, specs, seeds, state, metric)
     return (130 if not finished else code), state["report"]
 
 
-def measure_sanity(cfg: Config, metric: str, classifier: str | None, run_dir: Path, state: dict[str, Any],
-                   device: Any) -> None:
+def measure_sanity(
+    cfg: Config, metric: str, classifier: str | None, run_dir: Path, state: dict[str, Any], device: Any
+) -> None:
     """The score's floor and ceiling (once, before training) and its noise on `cfg`'s run (the first
     reference run of the first seed) once that run has finished (again when --steps grew): compare.json."""
     from minsnr.compare import sanity
 
     found = state.setdefault("sanity", {})
     if "ceiling" not in found:
-        print("score check: scoring an untrained model" + ("" if metric == "bpd" else " and real held-out images"),
-              flush=True)
-        found.update(sanity.bounds(cfg, metric, classifier, run_dir, device), classifier=sanity.classifier_meta(classifier))
+        print(
+            "score check: scoring an untrained model" + ("" if metric == "bpd" else " and real held-out images"),
+            flush=True,
+        )
+        found.update(
+            sanity.bounds(cfg, metric, classifier, run_dir, device), classifier=sanity.classifier_meta(classifier)
+        )
         write_json(run_dir / STATE, state)
         if device.type == "cuda":
             import torch
@@ -334,10 +285,16 @@ def measure_sanity(cfg: Config, metric: str, classifier: str | None, run_dir: Pa
     from minsnr.evaluate.plots import read_metric
 
     steps, values = read_metric(folder, metric)
-    print(f"score check: {folder.name} at step {status['step']} under {sanity.NOISE_SEEDS} more evaluation seeds",
-          flush=True)
-    found["noise"] = {**sanity.noise(cfg, metric, classifier, run_dir, folder / "checkpoints" / "latest.pt",
-                                     float(values[-1]), device), "step": status["step"]}
+    print(
+        f"score check: {folder.name} at step {status['step']} under {sanity.NOISE_SEEDS} more evaluation seeds",
+        flush=True,
+    )
+    found["noise"] = {
+        **sanity.noise(
+            cfg, metric, classifier, run_dir, folder / "checkpoints" / "latest.pt", float(values[-1]), device
+        ),
+        "step": status["step"],
+    }
     write_json(run_dir / STATE, state)
 
 

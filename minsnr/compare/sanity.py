@@ -66,25 +66,33 @@ def bounds(cfg: Config, metric: str, classifier: str | None, run_dir: Path, devi
 
             split = f"train: the test split has only {len(x)} of the {cfg.log.eval_num} images an evaluation scores"
             x, labels = held_out(cfg, None, "train", cfg.log.eval_num, 0)
-        real = make_scorer(classifier if metric == "fid_cls" else None, build_dataset(cfg.data),
-                           run_dir / "sanity", cfg, device)
+        real = make_scorer(
+            classifier if metric == "fid_cls" else None, build_dataset(cfg.data), run_dir / "sanity", cfg, device
+        )
         y = None if labels is None else labels.numpy()
         out["floor"], out["floor_split"] = float(real([to_uint8(x)], y)[metric]), split
     return out
 
 
-def noise(cfg: Config, metric: str, classifier: str | None, run_dir: Path, checkpoint: Path,
-          logged: float, device: Any) -> dict[str, Any]:
+def noise(
+    cfg: Config, metric: str, classifier: str | None, run_dir: Path, checkpoint: Path, logged: float, device: Any
+) -> dict[str, Any]:
     """The score of one checkpoint under NOISE_SEEDS other evaluation seeds, with the logged one."""
     from minsnr.checkpoint import load_model
 
     model, _ = load_model(checkpoint, ema=True, map_location=device)
     score = _scorer(cfg, metric, classifier, run_dir / "sanity", device)
     seeds = [cfg.train.seed + 1000 + k for k in range(NOISE_SEEDS)]
-    scores = [logged] + [float(score(model.eval(), dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, seed=s)))) for s in seeds]
-    return {"checkpoint": str(checkpoint), "scores": scores, "seeds": [cfg.train.seed, *seeds],
-            "sd_log": float(np.std(np.log(scores), ddof=1))}
+    scores = [logged] + [
+        float(score(model.eval(), dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s))))
+        for s in seeds
+    ]
+    return {
+        "checkpoint": str(checkpoint),
+        "scores": scores,
+        "seeds": [cfg.train.seed, *seeds],
+        "sd_log": float(np.std(np.log(scores), ddof=1)),
+    }
 
 
 def classifier_meta(classifier: str | None) -> dict[str, Any] | None:
@@ -102,18 +110,24 @@ def warnings(sanity: dict[str, Any], runs: list[dict[str, Any]], steps: int) -> 
     clf = sanity.get("classifier")
     if clf:
         if clf.get("num_classes") is not None and clf["num_classes"] < FEW_CLASSES:
-            out.append(f"the fid_cls classifier tells only {clf['num_classes']} classes apart: its features may not "
-                       "measure sample quality; look at the previews, or race on --metric bpd")
+            out.append(
+                f"the fid_cls classifier tells only {clf['num_classes']} classes apart: its features may not "
+                "measure sample quality; look at the previews, or race on --metric bpd"
+            )
         if clf.get("test_accuracy") is not None and clf["test_accuracy"] < LOW_ACCURACY:
-            out.append(f"the fid_cls classifier is right on only {100 * clf['test_accuracy']:.0f}% of held-out "
-                       "images: its features may not measure sample quality (--classifier-epochs, or --metric bpd)")
+            out.append(
+                f"the fid_cls classifier is right on only {100 * clf['test_accuracy']:.0f}% of held-out "
+                "images: its features may not measure sample quality (--classifier-epochs, or --metric bpd)"
+            )
     floor, ceiling = sanity.get("floor"), sanity.get("ceiling")
     if floor is not None and ceiling is not None and ceiling < 3 * floor:
         out.append(f"the score barely separates an untrained model ({ceiling:.4g}) from real images ({floor:.4g})")
     nz = sanity.get("noise")
     if nz and nz["sd_log"] > NOISY:
-        out.append(f"one checkpoint scores {100 * nz['sd_log']:.0f}% apart under other sampler seeds: raise "
-                   "--eval-num for curves that can be told apart")
+        out.append(
+            f"one checkpoint scores {100 * nz['sd_log']:.0f}% apart under other sampler seeds: raise "
+            "--eval-num for curves that can be told apart"
+        )
     for run in runs:
         for s in run["seeds"]:
             st, v = np.array(s["steps"]), np.array(s["values"])
@@ -123,6 +137,8 @@ def warnings(sanity: dict[str, Any], runs: list[dict[str, Any]], steps: int) -> 
             end = float(np.exp(np.mean(np.log(v[-2:]))))
             i = int(np.argmin(np.where(early, v, np.inf)))
             if v[i] <= end:
-                out.append(f"seed{s['seed']}/{run['name']}: its evaluation at step {st[i]:.0f} ({v[i]:.4g}) scores "
-                           f"as well as its last two ({end:.4g}): the score may not measure sample quality")
+                out.append(
+                    f"seed{s['seed']}/{run['name']}: its evaluation at step {st[i]:.0f} ({v[i]:.4g}) scores "
+                    f"as well as its last two ({end:.4g}): the score may not measure sample quality"
+                )
     return out

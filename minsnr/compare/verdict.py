@@ -61,7 +61,7 @@ def plateau_noise(curves: list[np.ndarray]) -> float:
     """Per-evaluation noise (standard deviation, log score) of the curves' second halves, pooled: the
     second-difference estimator of Gasser, Sroka & Jennen-Steinmetz (1986), which a locally linear trend
     does not inflate: sigma^2 = mean((y[i-1] - 2 y[i] + y[i+1])^2) / 6."""
-    diffs = [np.diff(c[len(c) // 2 - 1:], 2) for c in curves if len(c) // 2 + 1 >= 3]
+    diffs = [np.diff(c[len(c) // 2 - 1 :], 2) for c in curves if len(c) // 2 + 1 >= 3]
     d = np.concatenate(diffs) if diffs else np.zeros(0)
     return float(np.sqrt(np.mean(d**2) / 6)) if len(d) else 0.0
 
@@ -79,8 +79,13 @@ class Reading:
     why: str  # why not informative, or ""
 
 
-def readings(ref: tuple[np.ndarray, np.ndarray], run: tuple[np.ndarray, np.ndarray], noise: float,
-             planned_steps: float, run_diverged: bool = False) -> dict[str, Reading]:
+def readings(
+    ref: tuple[np.ndarray, np.ndarray],
+    run: tuple[np.ndarray, np.ndarray],
+    noise: float,
+    planned_steps: float,
+    run_diverged: bool = False,
+) -> dict[str, Reading]:
     """The speed-up of `run` over `ref` (each (steps, scores), finite scores > 0) at every level of LEVELS."""
     (rs, rv), (us, uv) = ref, run
     rs, us = np.asarray(rs, np.float64), np.asarray(us, np.float64)
@@ -146,8 +151,9 @@ def summarize(per_seed: list[Reading]) -> Summary:
         verdict = "slower"
     else:
         verdict = "no clear difference"
-    return Summary([float(v) for v in np.exp(x)], [r.bound for r in per_seed], float(np.exp(mean)), low, high,
-                   informative, verdict)
+    return Summary(
+        [float(v) for v in np.exp(x)], [r.bound for r in per_seed], float(np.exp(mean)), low, high, informative, verdict
+    )
 
 
 def headline(levels: dict[str, Summary]) -> tuple[str | None, str]:
@@ -159,9 +165,13 @@ def headline(levels: dict[str, Summary]) -> tuple[str | None, str]:
     return None, "within noise"
 
 
-def race(ref_curves: list[tuple[np.ndarray, np.ndarray]], run_curves: list[tuple[np.ndarray, np.ndarray]],
-         planned_steps: float, noise: float | None = None,
-         diverged: list[bool] | None = None) -> dict[str, Any]:
+def race(
+    ref_curves: list[tuple[np.ndarray, np.ndarray]],
+    run_curves: list[tuple[np.ndarray, np.ndarray]],
+    planned_steps: float,
+    noise: float | None = None,
+    diverged: list[bool] | None = None,
+) -> dict[str, Any]:
     """Paired seeds (ref_curves[k] with run_curves[k]) -> per-seed readings, per-level summaries, headline.
     `noise` None: plateau_noise of all the given curves."""
     if noise is None:
@@ -171,5 +181,9 @@ def race(ref_curves: list[tuple[np.ndarray, np.ndarray]], run_curves: list[tuple
     seeds = [s for s in seeds if s]
     levels = {name: summarize([s[name] for s in seeds]) for name in LEVELS} if seeds else {}
     level, verdict = headline(levels)
-    return {"noise": noise, "seeds": [{k: asdict(r) for k, r in s.items()} for s in seeds],
-            "levels": {k: asdict(v) for k, v in levels.items()}, "headline": {"level": level, "verdict": verdict}}
+    return {
+        "noise": noise,
+        "seeds": [{k: asdict(r) for k, r in s.items()} for s in seeds],
+        "levels": {k: asdict(v) for k, v in levels.items()},
+        "headline": {"level": level, "verdict": verdict},
+    }

@@ -48,8 +48,14 @@ def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[
         split = "train"
         x, labels = held_out(cfg, None, split, num, seed)
     mse = bin_losses(model.to(device), cfg, x, labels, seed=seed, device=device)
-    out = {"step": step, "split": split, "num_images": num, "seed": seed,
-           "bins": [[lo, hi] for lo, hi in bins(cfg.schedule.num_timesteps)], "mse": mse}
+    out = {
+        "step": step,
+        "split": split,
+        "num_images": num,
+        "seed": seed,
+        "bins": [[lo, hi] for lo, hi in bins(cfg.schedule.num_timesteps)],
+        "mse": mse,
+    }
     write_json(run_dir / LOSSES, out)
     return out
 
@@ -69,8 +75,11 @@ def die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minsnr.compare.worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m minsnr.compare.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="the run's config.yaml, written by minsnr compare")
     p.add_argument("--cpus", default="", help="comma-separated CPU cores to pin this process to")
     p.add_argument("--bin-images", type=int, default=1000)
@@ -92,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, build_hooks(cfg))
         if result["step"] < cfg.train.steps:
-            write_json(status, {"state": "stopped", "step": result["step"], "message": "interrupted; rerun to continue"})
+            write_json(
+                status, {"state": "stopped", "step": result["step"], "message": "interrupted; rerun to continue"}
+            )
             return 0
         final_bin_losses(run_dir, result["step"], a.bin_images)
     except NonFiniteLoss as err:

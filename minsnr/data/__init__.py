@@ -10,8 +10,9 @@ A new data source is a builder `(cfg: DataSettings, split, image options) -> Ima
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -45,9 +46,11 @@ def _latent(cfg: DataSettings, split: str, images: dict[str, Any]) -> ImageDatas
     sides = (None, dataset.meta["size"], dataset.shape[-1])
     if cfg.resolution not in sides or cfg.crop not in ("none", dataset.meta["crop"]):
         side = dataset.shape[-1]
-        raise ValueError(f"{Path(_path(cfg))} holds {side}x{side} latents of "
-                         f"{dataset.meta['size']}px images ({dataset.meta['crop']} crop); data.resolution="
-                         f"{cfg.resolution}, data.crop={cfg.crop} do not match (set them to null/none)")
+        raise ValueError(
+            f"{Path(_path(cfg))} holds {side}x{side} latents of "
+            f"{dataset.meta['size']}px images ({dataset.meta['crop']} crop); data.resolution="
+            f"{cfg.resolution}, data.crop={cfg.crop} do not match (set them to null/none)"
+        )
     return dataset
 
 
@@ -64,7 +67,11 @@ def _train_only(cfg: DataSettings, split: str) -> None:
 
 # name -> builder; `data.source` chooses one.
 SOURCES: dict[str, Callable[[DataSettings, str, dict[str, Any]], ImageDataset]] = {
-    "digits": _digits, "npz": _npz, "folder": _folder, "latent": _latent}
+    "digits": _digits,
+    "npz": _npz,
+    "folder": _folder,
+    "latent": _latent,
+}
 
 
 def source_of(path: str, what: str = "data") -> str:
@@ -99,5 +106,18 @@ def build_dataset(cfg: DataSettings, *, split: str = "train") -> ImageDataset:
     return dataset
 
 
-__all__ = ["build_dataset", "Batches", "BadImagesError", "ImageDataset", "ArrayDataset", "FolderDataset",
-           "LatentDataset", "load_digits", "load_npz", "CROPS", "SOURCES", "labels_for", "source_of"]
+__all__ = [
+    "build_dataset",
+    "Batches",
+    "BadImagesError",
+    "ImageDataset",
+    "ArrayDataset",
+    "FolderDataset",
+    "LatentDataset",
+    "load_digits",
+    "load_npz",
+    "CROPS",
+    "SOURCES",
+    "labels_for",
+    "source_of",
+]

@@ -8,8 +8,8 @@ digits: sklearn.datasets.load_digits, 1797 8x8 images with values 0..16 (scaled 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,15 +24,26 @@ DIGITS_TRAIN = 1617  # first 90% of the 1797 digits; the rest is the held-out te
 class ArrayDataset(ImageDataset):
     """uint8 images [N, H, W, C] with values 0..levels, held in memory; fetched a batch at a time."""
 
-    def __init__(self, images: np.ndarray, labels: Optional[np.ndarray], *, num_classes: int,
-                 class_names: list[str], levels: int = 255, hflip: bool = True, conditional: bool = True,
-                 crop: str = "none", resolution: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None,
+        *,
+        num_classes: int,
+        class_names: list[str],
+        levels: int = 255,
+        hflip: bool = True,
+        conditional: bool = True,
+        crop: str = "none",
+        resolution: int | None = None,
+    ) -> None:
         check_crop(crop, resolution)
         if crop != "none" or resolution is not None:
             if levels != 255:  # Pillow resamples 8-bit images: spread the values over 0..255 first
                 images, levels = np.round(images * (255.0 / levels)).astype(np.uint8), 255
-            images = np.stack([prepare(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), crop, resolution)
-                               for im in images])
+            images = np.stack(
+                [prepare(Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im), crop, resolution) for im in images]
+            )
             images = images[..., None] if images.ndim == 3 else images
         use_labels = conditional and labels is not None and num_classes > 0
         self.images = torch.from_numpy(np.ascontiguousarray(images))
@@ -65,11 +76,12 @@ def load_digits(split: str = "train", **options: object) -> ArrayDataset:
     d = sk_digits()
     images = d.images.astype(np.uint8)[..., None]
     part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
-    return ArrayDataset(images[part], d.target[part], num_classes=10, class_names=[str(i) for i in range(10)],
-                        levels=16, **options)  # type: ignore[arg-type]
+    return ArrayDataset(
+        images[part], d.target[part], num_classes=10, class_names=[str(i) for i in range(10)], levels=16, **options
+    )  # type: ignore[arg-type]
 
 
-def _pick(keys: list[str], names: tuple[str, ...]) -> Optional[str]:
+def _pick(keys: list[str], names: tuple[str, ...]) -> str | None:
     return next((k for k in names if k in keys), None)
 
 
@@ -90,13 +102,16 @@ def load_npz(path: str | Path, split: str = "train", **options: object) -> Array
         all_labels = [f[k] for k in ("y", "y_train", "y_test") if k in keys]
         names = [str(n) for n in f["class_names"]] if "class_names" in keys else None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-        raise ValueError(f"{path}:{x_key} must be uint8 [N, H, W] or [N, H, W, 1|3]; "
-                         f"got {images.dtype} {list(images.shape)}")
+        raise ValueError(
+            f"{path}:{x_key} must be uint8 [N, H, W] or [N, H, W, 1|3]; got {images.dtype} {list(images.shape)}"
+        )
     images = images[..., None] if images.ndim == 3 else images
-    if labels is not None and (labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer)
-                               or labels.min() < 0):
-        raise ValueError(f"{path}:{y_key} must hold {len(images)} integer labels >= 0; "
-                         f"got {labels.dtype} {list(labels.shape)}")
+    if labels is not None and (
+        labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+    ):
+        raise ValueError(
+            f"{path}:{y_key} must hold {len(images)} integer labels >= 0; got {labels.dtype} {list(labels.shape)}"
+        )
     num_classes = int(max(int(y.max()) for y in all_labels)) + 1 if labels is not None else 0
     names = names if names is not None and len(names) == num_classes else [str(i) for i in range(num_classes)]
     return ArrayDataset(images, labels, num_classes=num_classes, class_names=names, **options)  # type: ignore[arg-type]

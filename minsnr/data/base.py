@@ -11,7 +11,8 @@ skipped file is reported in the batch; `Batches` warns, counts and enforces `max
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch.utils.data import Dataset
@@ -26,8 +27,8 @@ class DataSettings(Protocol):
     """What a data source reads of the config (minsnr.config.DataConfig has these fields)."""
 
     source: str
-    path: Optional[str]
-    resolution: Optional[int]
+    path: str | None
+    resolution: int | None
     crop: str
     hflip: bool
     conditional: bool
@@ -76,11 +77,14 @@ def tolerated_fraction(bad: int, total: int) -> float:
     return limit if not too_many_bad(bad, total, limit) else round(limit + 0.01, 2)  # 0.29 * 100 < 29
 
 
-def bad_images_message(bad: Sequence[str], total: int, limit: float, where: str,
-                       setting: str = "data.max_bad_fraction") -> str:
+def bad_images_message(
+    bad: Sequence[str], total: int, limit: float, where: str, setting: str = "data.max_bad_fraction"
+) -> str:
     """One line: how many, which (the first 5), and the two fixes; `setting` is the knob's name as the
     user gives it (a config key, or a flag such as --max-bad-fraction)."""
     shown = "; ".join(bad[:5]) + (f" ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
-    return (f"{where}: {len(bad)} unreadable images out of {total} ({100 * len(bad) / max(total, 1):.2f}%) "
-            f"exceed {setting}={limit}: {shown}. Remove or repair these files, or accept this many "
-            f"with {setting}={tolerated_fraction(len(bad), total):g}")
+    return (
+        f"{where}: {len(bad)} unreadable images out of {total} ({100 * len(bad) / max(total, 1):.2f}%) "
+        f"exceed {setting}={limit}: {shown}. Remove or repair these files, or accept this many "
+        f"with {setting}={tolerated_fraction(len(bad), total):g}"
+    )

@@ -13,8 +13,6 @@ with the loader's workers keeping up.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from minsnr.data.arrays import ArrayDataset, to_batch
@@ -27,8 +25,17 @@ FIT_FRACTION = 0.25  # auto: keep the data on the GPU when it takes at most this
 class DeviceBatches:
     """Infinite iterator of (x [B, C, H, W] float32, labels [B] int64) on `device`; the interface of `Batches`."""
 
-    def __init__(self, dataset: ArrayDataset, batch_size: int, *, seed: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
         self.sharding = make_sharding(len(dataset), batch_size, seed, rank, world_size, drop_last)
         self.per_rank, self.batches_per_epoch = self.sharding.per_rank, self.sharding.batches
         self.device, self.levels = device, dataset.levels
@@ -37,7 +44,7 @@ class DeviceBatches:
         self.hflip = dataset.hflip
         self.bad_files: dict[str, str] = {}  # arrays have no unreadable files; kept for the Batches interface
         self._epoch, self._batch = 0, 0
-        self._order: Optional[tuple[int, torch.Tensor, torch.Tensor]] = None  # (epoch, index, flip) on device
+        self._order: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (epoch, index, flip) on device
 
     @property
     def epoch(self) -> int:
@@ -54,13 +61,13 @@ class DeviceBatches:
             self._order = (epoch, *(t.to(self.device, non_blocking=pin) for t in host))
         return self._order[1], self._order[2]
 
-    def __iter__(self) -> "DeviceBatches":
+    def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index, flip = self._upload(self._epoch)
         lo = self._batch * self.sharding.batch_size
-        idx, f = index[lo:lo + self.sharding.batch_size], flip[lo:lo + self.sharding.batch_size]
+        idx, f = index[lo : lo + self.sharding.batch_size], flip[lo : lo + self.sharding.batch_size]
         x, y = to_batch(self.images[idx], f, self.levels), self.labels[idx]
         self._batch += 1
         if self._batch == self.batches_per_epoch:
@@ -82,16 +89,19 @@ class DeviceBatches:
         return self.batches_per_epoch
 
 
-def choose_path(setting: Optional[bool], dataset: ImageDataset, device: torch.device,
-                free_bytes: Optional[int] = None) -> tuple[bool, str]:
+def choose_path(
+    setting: bool | None, dataset: ImageDataset, device: torch.device, free_bytes: int | None = None
+) -> tuple[bool, str]:
     """(keep the data on `device`?, why) for train.data_on_device = `setting` (None: auto).
 
     Auto keeps array data on a CUDA device when it takes at most FIT_FRACTION of the free memory
     (`free_bytes`, read from the device when None); explicit true/false is obeyed for array data."""
     if not isinstance(dataset, ArrayDataset):
         if setting:
-            raise ValueError(f"train.data_on_device=true needs array data (data.source digits or npz); "
-                             f"{type(dataset).__name__} is read by the host loader: set train.data_on_device=null")
+            raise ValueError(
+                f"train.data_on_device=true needs array data (data.source digits or npz); "
+                f"{type(dataset).__name__} is read by the host loader: set train.data_on_device=null"
+            )
         return False, f"{type(dataset).__name__} is read by the host loader"
     size = dataset.images.nbytes + dataset.labels.nbytes
     if setting is not None:
@@ -105,14 +115,35 @@ def choose_path(setting: Optional[bool], dataset: ImageDataset, device: torch.de
     return True, share
 
 
-def make_batches(dataset: ImageDataset, batch_size: int, *, seed: int, rank: int, world_size: int,
-                 device: torch.device, num_workers: int, setting: Optional[bool]) -> tuple[Union[Batches, DeviceBatches], str]:
+def make_batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    num_workers: int,
+    setting: bool | None,
+) -> tuple[Batches | DeviceBatches, str]:
     """The training batch iterator (device-resident or host loader) and one log phrase saying which and why."""
     on_device, why = choose_path(setting, dataset, device)
     if on_device:
         assert isinstance(dataset, ArrayDataset)
         unused = f"; data.num_workers={num_workers} unused" if num_workers else ""
-        return (DeviceBatches(dataset, batch_size, seed=seed, device=device, rank=rank, world_size=world_size),
-                f"data on {device.type} ({why}{unused})")
-    return (Batches(dataset, batch_size, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
-                    pin_memory=device.type == "cuda"), f"data from the host loader ({why})")
+        return (
+            DeviceBatches(dataset, batch_size, seed=seed, device=device, rank=rank, world_size=world_size),
+            f"data on {device.type} ({why}{unused})",
+        )
+    return (
+        Batches(
+            dataset,
+            batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        ),
+        f"data from the host loader ({why})",
+    )

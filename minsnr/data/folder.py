@@ -8,8 +8,8 @@ sample of up to 16 spread across the folder is grayscale (e.g. MNIST written as 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,8 +48,10 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     top = [e.name for e in entries if e.is_file() and _is_image(e.name)]
     subdirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     if top and subdirs:
-        raise ValueError(f"{root} holds both images and sub-folders ({', '.join(subdirs[:3])}); use either "
-                         "one sub-folder per class or a flat folder of images")
+        raise ValueError(
+            f"{root} holds both images and sub-folders ({', '.join(subdirs[:3])}); use either "
+            "one sub-folder per class or a flat folder of images"
+        )
     if top:
         return top, [0] * len(top), []
     files: list[str] = []
@@ -57,8 +59,7 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     for label, name in enumerate(subdirs):
         found = _images_under(os.path.join(root, name), root)
         if not found:
-            raise ValueError(f"class folder {os.path.join(root, name)} has no images "
-                             f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"class folder {os.path.join(root, name)} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         files += found
         labels += [label] * len(found)
     if not files:
@@ -66,7 +67,7 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     return files, labels, subdirs
 
 
-def _header(path: str) -> Optional[tuple[str, tuple[int, int]]]:
+def _header(path: str) -> tuple[str, tuple[int, int]] | None:
     """(mode, (W, H)) from the file header, None when even that cannot be read."""
     try:
         with Image.open(path) as img:
@@ -78,8 +79,16 @@ def _header(path: str) -> Optional[tuple[str, tuple[int, int]]]:
 class FolderDataset(ImageDataset):
     """Images from a folder, preprocessed by `transforms.prepare(crop, resolution)`."""
 
-    def __init__(self, root: str | Path, *, resolution: Optional[int] = None, crop: str = "none",
-                 hflip: bool = True, conditional: bool = True, max_bad_fraction: float = 0.01) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        resolution: int | None = None,
+        crop: str = "none",
+        hflip: bool = True,
+        conditional: bool = True,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
         check_crop(crop, resolution)
         self.root = str(root)
         files, labels, class_names = scan_folder(root)
@@ -106,7 +115,7 @@ class FolderDataset(ImageDataset):
 
     def _common_size(self) -> tuple[int, int]:
         """All images must share one size when nothing resizes them; checked from the headers."""
-        first: Optional[tuple[str, tuple[int, int]]] = None
+        first: tuple[str, tuple[int, int]] | None = None
         for i in range(len(self.files)):
             head = _header(self.path(i))
             if head is None:
@@ -115,8 +124,10 @@ class FolderDataset(ImageDataset):
                 first = (self.path(i), head[1])
             elif head[1] != first[1]:
                 (w0, h0), (w1, h1) = first[1], head[1]
-                raise ValueError(f"images differ in size: {first[0]} is {w0}x{h0}, {self.path(i)} is {w1}x{h1}; "
-                                 "set data.resolution (and data.crop) to bring them to one size")
+                raise ValueError(
+                    f"images differ in size: {first[0]} is {w0}x{h0}, {self.path(i)} is {w1}x{h1}; "
+                    "set data.resolution (and data.crop) to bring them to one size"
+                )
         if first is None:
             raise ValueError(f"no readable image in {self.root}")
         return first[1]
@@ -134,8 +145,10 @@ class FolderDataset(ImageDataset):
             raise UnreadableImage(path, str(err)) from None
         arr = prepare(img, self.crop, self.resolution)
         if arr.shape[:2] != self.shape[1:]:
-            raise ValueError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, the dataset's size is "
-                             f"{self.shape[2]}x{self.shape[1]}; set data.resolution to resize")
+            raise ValueError(
+                f"{path} is {arr.shape[1]}x{arr.shape[0]}, the dataset's size is "
+                f"{self.shape[2]}x{self.shape[1]}; set data.resolution to resize"
+            )
         return arr[:, :, None] if arr.ndim == 2 else arr
 
     def get_batch(self, keys: Sequence[Key]) -> Fetched:
@@ -152,9 +165,11 @@ class FolderDataset(ImageDataset):
                 except UnreadableImage as err:
                     bad.append((err.path, err.error))
             else:
-                raise BadImagesError(f"{tries} unreadable images in a row from {self.path(i)}, more than "
-                                     f"data.max_bad_fraction={self.max_bad_fraction} of {n} allows; remove or "
-                                     f"repair them, or raise data.max_bad_fraction")
+                raise BadImagesError(
+                    f"{tries} unreadable images in a row from {self.path(i)}, more than "
+                    f"data.max_bad_fraction={self.max_bad_fraction} of {n} allows; remove or "
+                    f"repair them, or raise data.max_bad_fraction"
+                )
             arrays.append(arr[:, ::-1] if flip else arr)
             labels.append(self.labels[j])
         x = to_float(torch.from_numpy(np.stack(arrays)))

@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,8 +66,11 @@ def decode_latents(vae: torch.nn.Module, z: torch.Tensor, scale_factor: float) -
 def read_meta(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     if not (root / META).is_file():
-        state = "an unfinished encode (rerun minsnr encode with the same arguments)" if (root / SETTINGS).is_file() \
+        state = (
+            "an unfinished encode (rerun minsnr encode with the same arguments)"
+            if (root / SETTINGS).is_file()
             else "not a latent folder (make one with minsnr encode)"
+        )
         raise FileNotFoundError(f"{root} has no {META}: {state}")
     return json.loads((root / META).read_text())
 
@@ -82,14 +86,19 @@ class LatentDataset(ImageDataset):
         self.shape = tuple(self.meta["shape"])  # type: ignore[assignment]
         self.hflip = hflip
         use_labels = conditional and self.meta["num_classes"] > 0
-        self.labels = torch.from_numpy(np.load(self.root / LABELS)) if use_labels \
+        self.labels = (
+            torch.from_numpy(np.load(self.root / LABELS))
+            if use_labels
             else torch.zeros(self.meta["count"], dtype=torch.long)
+        )
         self.num_classes = int(self.meta["num_classes"]) if use_labels else 0
         self.class_names = list(self.meta["class_names"]) if use_labels else []
-        self._moments: Optional[np.ndarray] = None
+        self._moments: np.ndarray | None = None
         if self.moments.shape != (self.meta["count"], 2, 2, *self.shape):
-            raise ValueError(f"{self.root / MOMENTS} has shape {self.moments.shape}, {META} says "
-                             f"{[self.meta['count'], 2, 2, *self.shape]}")
+            raise ValueError(
+                f"{self.root / MOMENTS} has shape {self.moments.shape}, {META} says "
+                f"{[self.meta['count'], 2, 2, *self.shape]}"
+            )
 
     @property
     def moments(self) -> np.ndarray:
@@ -135,8 +144,9 @@ def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:
         diff = [k for k in settings if k != "data" and old.get(k) != settings[k]]
         if diff:
             was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
-            raise ValueError(f"{out} was encoded with other settings ({was}); "
-                             "use a new --out folder or the same arguments")
+            raise ValueError(
+                f"{out} was encoded with other settings ({was}); use a new --out folder or the same arguments"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE).mkdir(exist_ok=True)
@@ -146,9 +156,21 @@ def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:
     write_json(out / SETTINGS, settings, indent=1)  # last: its presence means the folder is ready
 
 
-def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 256, *, batch: int = 32,
-           chunk: int = 1024, device: str = "auto", crop: str = "adm", dtype: str = "float16",
-           num_workers: int = 0, max_chunks: Optional[int] = None, max_bad_fraction: float = 0.01) -> bool:
+def encode(
+    data: str,
+    out: str | Path,
+    vae_name: str = DEFAULT_VAE,
+    size: int = 256,
+    *,
+    batch: int = 32,
+    chunk: int = 1024,
+    device: str = "auto",
+    crop: str = "adm",
+    dtype: str = "float16",
+    num_workers: int = 0,
+    max_chunks: int | None = None,
+    max_bad_fraction: float = 0.01,
+) -> bool:
     """Encode every image of `data` (folder or .npz) and its flip; True once the folder is complete.
 
     Chunks of `chunk` images go to ranks round-robin; finished chunks are skipped on a rerun.
@@ -162,10 +184,19 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
     cfg = vae.config  # type: ignore[attr-defined]
     factor = 2 ** (len(cfg.block_out_channels) - 1)
     n = len(dataset)
-    settings = {"data": str(data), "vae": vae_name, "size": size, "crop": crop, "count": n, "chunk": chunk,
-                "dtype": dtype, "shape": [cfg.latent_channels, size // factor, size // factor],
-                "scale_factor": float(getattr(cfg, "scaling_factor", 0.18215) or 0.18215),
-                "num_classes": dataset.num_classes, "class_names": dataset.class_names}
+    settings = {
+        "data": str(data),
+        "vae": vae_name,
+        "size": size,
+        "crop": crop,
+        "count": n,
+        "chunk": chunk,
+        "dtype": dtype,
+        "shape": [cfg.latent_channels, size // factor, size // factor],
+        "scale_factor": float(getattr(cfg, "scaling_factor", 0.18215) or 0.18215),
+        "num_classes": dataset.num_classes,
+        "class_names": dataset.class_names,
+    }
     if rank == 0:
         _prepare(out, settings, np.asarray(dataset.labels))
     barrier(world)
@@ -174,13 +205,18 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
     moments = np.load(out / MOMENTS, mmap_mode="r+")
     todo = [k for k in range(rank, math.ceil(n / chunk), world) if not (out / DONE / f"{k:06d}.json").exists()]
     todo = todo[:max_chunks] if max_chunks is not None else todo
-    jobs = [(k, lo, list(range(lo, min(lo + batch, (k + 1) * chunk, n))))
-            for k in todo for lo in range(k * chunk, min((k + 1) * chunk, n), batch)]
-    loader = DataLoader(BatchFetch(dataset), batch_size=None, sampler=jobs, num_workers=num_workers,
-                        collate_fn=keep_batch)
+    jobs = [
+        (k, lo, list(range(lo, min(lo + batch, (k + 1) * chunk, n))))
+        for k in todo
+        for lo in range(k * chunk, min((k + 1) * chunk, n), batch)
+    ]
+    loader = DataLoader(
+        BatchFetch(dataset), batch_size=None, sampler=jobs, num_workers=num_workers, collate_fn=keep_batch
+    )
     chunk_bad: list[list[str]] = []
-    with tqdm(total=sum(len(keys) for *_, keys in jobs), unit="img", desc=f"encode rank {rank}/{world}",
-              disable=rank != 0) as bar:
+    with tqdm(
+        total=sum(len(keys) for *_, keys in jobs), unit="img", desc=f"encode rank {rank}/{world}", disable=rank != 0
+    ) as bar:
         for k, lo, x, _, bad in loader:
             hi = lo + len(x)
             chunk_bad += [[path, err] for path, err in bad]
@@ -205,19 +241,26 @@ def encode(data: str, out: str | Path, vae_name: str = DEFAULT_VAE, size: int = 
         for path, err in bad:
             log.warning("unreadable image %s (%s) was replaced by its next readable neighbour", path, err)
         if too_many_bad(len(bad), n, max_bad_fraction):
-            raise BadImagesError(bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data),
-                                                    "--max-bad-fraction"))
-        write_json(out / META, {**settings, "bad_files": bad,
-                                "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"}, indent=1)
+            raise BadImagesError(
+                bad_images_message([b[0] for b in bad], n, max_bad_fraction, str(data), "--max-bad-fraction")
+            )
+        write_json(
+            out / META,
+            {**settings, "bad_files": bad, "layout": "moments [N, 2 (image, flip), 2 (mean, std), C, h, w]"},
+            indent=1,
+        )
     if d.started:
         teardown()
     return complete
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="minsnr encode", description="Encode an image folder (or .npz) into "
-                                "SD-VAE posterior moments for latent diffusion training (data.source=latent).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="minsnr encode",
+        description="Encode an image folder (or .npz) into "
+        "SD-VAE posterior moments for latent diffusion training (data.source=latent).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     path = os.path.expanduser
     p.add_argument("--data", required=True, type=path, help="image folder (ImageNet layout or flat) or .npz file")
     p.add_argument("--out", required=True, type=path, help="latent folder to write (resumable)")
@@ -229,8 +272,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage type of the moments")
     p.add_argument("--workers", type=int, default=4, help="image decoding worker processes")
-    p.add_argument("--max-chunks", type=int, default=None,
-                   help="stop after this many chunks, None: no limit (rerun to continue)")
+    p.add_argument(
+        "--max-chunks", type=int, default=None, help="stop after this many chunks, None: no limit (rerun to continue)"
+    )
     p.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail if more images than this are unreadable")
     a = p.parse_args(argv)
     if min(a.batch, a.chunk, a.size) <= 0:
@@ -238,9 +282,20 @@ def main(argv: list[str]) -> int:
     if not Path(a.data).exists():
         p.error(f"--data {a.data} not found; give an image folder or an .npz file")
     try:
-        complete = encode(a.data, a.out, a.vae, a.size, batch=a.batch, chunk=a.chunk, device=a.device, crop=a.crop,
-                          dtype=a.dtype, num_workers=a.workers, max_chunks=a.max_chunks,
-                          max_bad_fraction=a.max_bad_fraction)
+        complete = encode(
+            a.data,
+            a.out,
+            a.vae,
+            a.size,
+            batch=a.batch,
+            chunk=a.chunk,
+            device=a.device,
+            crop=a.crop,
+            dtype=a.dtype,
+            num_workers=a.workers,
+            max_chunks=a.max_chunks,
+            max_bad_fraction=a.max_bad_fraction,
+        )
     except (OSError, ValueError, KeyError, ImportError, BadImagesError) as err:
         print(f"minsnr encode: error: {err}", file=sys.stderr)
         return 1

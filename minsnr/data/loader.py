@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class Sharding:
         """This rank's (image indices, aug_seeds) for `epoch`, in order: int64 arrays of length per_rank."""
         perm, aug = epoch_order(self.n, self.seed, epoch)
         order = np.resize(perm, self.per_rank * self.world_size)  # cut (drop_last) or wrap around (pad)
-        mine = order[self.rank::self.world_size]
+        mine = order[self.rank :: self.world_size]
         return mine, aug[mine]
 
     def keys(self, epoch: int) -> list[Key]:
@@ -83,15 +84,17 @@ class Sharding:
 
     def check_state(self, state: dict[str, int]) -> None:
         if not 0 <= state["batch"] < self.batches:
-            raise ValueError(f"data state batch={state['batch']} is outside this epoch's {self.batches} "
-                             "batches; was batch_size or the number of ranks changed?")
+            raise ValueError(
+                f"data state batch={state['batch']} is outside this epoch's {self.batches} "
+                "batches; was batch_size or the number of ranks changed?"
+            )
 
     def jobs(self, epoch: int, batch: int) -> Iterator[Job]:
         """Batches from (epoch, batch) on, forever."""
         while True:
             keys = self.keys(epoch)
             for b in range(batch, self.batches):
-                yield epoch, b, keys[b * self.batch_size:(b + 1) * self.batch_size]
+                yield epoch, b, keys[b * self.batch_size : (b + 1) * self.batch_size]
             epoch, batch = epoch + 1, 0
 
 
@@ -103,17 +106,29 @@ def make_sharding(n: int, batch_size: int, seed: int, rank: int, world_size: int
         raise ValueError(f"need batch_size > 0, seed >= 0; got {batch_size}, {seed}")
     sharding = Sharding(n, seed, rank, world_size, batch_size, drop_last)
     if sharding.batches == 0:
-        raise ValueError(f"{n} items over {world_size} rank(s) give no full batch of {batch_size}; "
-                         "lower train.batch_size or use more data")
+        raise ValueError(
+            f"{n} items over {world_size} rank(s) give no full batch of {batch_size}; "
+            "lower train.batch_size or use more data"
+        )
     return sharding
 
 
 class Batches:
     """Infinite iterator of (x [B, C, H, W], labels [B]) over epochs; see the module docstring."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, drop_last: bool = True, pin_memory: bool = False,
-                 max_bad_fraction: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        max_bad_fraction: float | None = None,
+    ) -> None:
         if num_workers < 0:
             raise ValueError(f"need num_workers >= 0; got {num_workers}")
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
@@ -121,7 +136,7 @@ class Batches:
         self.max_bad_fraction = dataset.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
         self.per_rank, self.batches_per_epoch = self.sharding.per_rank, self.sharding.batches
         self._epoch, self._batch = 0, 0
-        self._it: Optional[Iterator[Any]] = None
+        self._it: Iterator[Any] | None = None
         self.bad_files: dict[str, str] = {}  # every unreadable file this rank met: path -> error
         self.epoch_bad: set[str] = set()  # those met in the current epoch
 
@@ -132,12 +147,18 @@ class Batches:
 
     def _start(self) -> Iterator[Any]:
         jobs = self.sharding.jobs(self._epoch, self._batch)
-        loader = DataLoader(BatchFetch(self.dataset), batch_size=None, sampler=jobs, num_workers=self.num_workers,
-                            collate_fn=keep_batch, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(self.sharding.seed))  # not the global RNG
+        loader = DataLoader(
+            BatchFetch(self.dataset),
+            batch_size=None,
+            sampler=jobs,
+            num_workers=self.num_workers,
+            collate_fn=keep_batch,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.sharding.seed),
+        )  # not the global RNG
         return iter(loader)
 
-    def __iter__(self) -> "Batches":
+    def __iter__(self) -> Batches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,13 +181,25 @@ class Batches:
             self.epoch_bad.add(path)
         if bad and too_many_bad(len(self.epoch_bad), self.per_rank, self.max_bad_fraction):
             self.close()
-            raise BadImagesError(bad_images_message(sorted(self.epoch_bad), self.per_rank, self.max_bad_fraction,
-                                                    f"epoch {self._epoch}, rank {self.sharding.rank}"))
+            raise BadImagesError(
+                bad_images_message(
+                    sorted(self.epoch_bad),
+                    self.per_rank,
+                    self.max_bad_fraction,
+                    f"epoch {self._epoch}, rank {self.sharding.rank}",
+                )
+            )
 
     def _end_epoch(self, epoch: int) -> None:
         if self.epoch_bad:
-            log.warning("epoch %d: skipped %d unreadable images of %d on rank %d (limit %.2f%%)", epoch,
-                        len(self.epoch_bad), self.per_rank, self.sharding.rank, 100 * self.max_bad_fraction)
+            log.warning(
+                "epoch %d: skipped %d unreadable images of %d on rank %d (limit %.2f%%)",
+                epoch,
+                len(self.epoch_bad),
+                self.per_rank,
+                self.sharding.rank,
+                100 * self.max_bad_fraction,
+            )
         self.epoch_bad = set()
 
     def state_dict(self) -> dict[str, int]:

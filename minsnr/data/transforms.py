@@ -13,7 +13,7 @@ Scaling to [-1, 1] and the horizontal flip work on whole batches (`to_float`, `s
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from minsnr.registry import lookup
 CELEBA_CROP = 140  # ScoreSDE datasets.py: central_crop(img, 140)
 
 # A dataset key: an index (no augmentation, deterministic) or (index, aug_seed) drawn by the loader.
-Key = Union[int, tuple[int, int]]
+Key = int | tuple[int, int]
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def celeba_crop(pil_image: Image.Image, image_size: int, crop: int = CELEBA_CROP
     return np.array(pil_image.resize((image_size, image_size), resample=Image.BILINEAR))
 
 
-def keep_or_resize(pil_image: Image.Image, resolution: Optional[int]) -> np.ndarray:
+def keep_or_resize(pil_image: Image.Image, resolution: int | None) -> np.ndarray:
     """No crop: the image as it is, or a plain bicubic resize to resolution x resolution."""
     if resolution is not None and pil_image.size != (resolution, resolution):
         pil_image = pil_image.resize((resolution, resolution), resample=Image.BICUBIC)
@@ -61,7 +61,7 @@ def keep_or_resize(pil_image: Image.Image, resolution: Optional[int]) -> np.ndar
 CROPS: dict[str, Callable[..., np.ndarray]] = {"none": keep_or_resize, "adm": center_crop_arr, "celeba": celeba_crop}
 
 
-def check_crop(crop: str, resolution: Optional[int]) -> None:
+def check_crop(crop: str, resolution: int | None) -> None:
     lookup(CROPS, crop, "data.crop")
     if crop != "none" and resolution is None:
         raise ValueError(f"data.crop={crop} needs data.resolution (e.g. 64 or 256)")
@@ -69,7 +69,7 @@ def check_crop(crop: str, resolution: Optional[int]) -> None:
         raise ValueError(f"data.resolution={resolution} must be a positive side length")
 
 
-def prepare(pil_image: Image.Image, crop: str, resolution: Optional[int]) -> np.ndarray:
+def prepare(pil_image: Image.Image, crop: str, resolution: int | None) -> np.ndarray:
     """Apply one of CROPS; returns uint8 [H, W] (grayscale) or [H, W, 3]."""
     check_crop(crop, resolution)
     return CROPS[crop](pil_image, resolution)
@@ -92,13 +92,13 @@ def to_float(x: torch.Tensor, levels: float = 255.0) -> torch.Tensor:
     return out.mul_(2.0 / levels).sub_(1.0)
 
 
-def split_key(key: Key) -> tuple[int, Optional[int]]:
+def split_key(key: Key) -> tuple[int, int | None]:
     """(index, aug_seed or None). Bit 0 of aug_seed is the flip, the rest seeds other randomness."""
     if isinstance(key, (tuple, list)):
         return int(key[0]), int(key[1])
     return int(key), None
 
 
-def flips(aug: Sequence[Optional[int]], hflip: bool) -> np.ndarray:
+def flips(aug: Sequence[int | None], hflip: bool) -> np.ndarray:
     """Boolean flip decision per key: random (bit 0 of aug_seed) when hflip, never for plain indices."""
     return np.array([hflip and a is not None and bool(a & 1) for a in aug], dtype=bool)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from minsnr.evaluate.frechet import feature_stats, frechet_distance
 from minsnr.distributed import resolve_device
+from minsnr.evaluate.frechet import feature_stats, frechet_distance
 from minsnr.evaluate.util import HelpFormatter, progress, run_verb
 
 FORMAT = "minsnr-classifier"
@@ -38,12 +38,20 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def stage(cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, kernel, stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                    nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, kernel, stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         self.body = nn.Sequential(
-            *stage(in_channels, width, 4, 2), *stage(width, 2 * width, 4, 2), *stage(2 * width, 4 * width, 3, 1),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(4 * width * 16, feature_dim), nn.ReLU(inplace=True),
+            *stage(in_channels, width, 4, 2),
+            *stage(width, 2 * width, 4, 2),
+            *stage(2 * width, 4 * width, 3, 1),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(4 * width * 16, feature_dim),
+            nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -84,8 +92,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     weights, meta_path = classifier_paths(path)
     for p in (weights, meta_path):
         if not p.is_file():
-            raise FileNotFoundError(f"classifier file {p} not found; train one with `minsnr train-classifier DATA "
-                                    f"--out {weights.with_suffix('')}`")
+            raise FileNotFoundError(
+                f"classifier file {p} not found; train one with `minsnr train-classifier DATA "
+                f"--out {weights.with_suffix('')}`"
+            )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a minsnr classifier (format {meta.get('format')!r})")
@@ -95,14 +105,20 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 @torch.no_grad()
-def classify(model: SmallCNN, batches: Iterable[np.ndarray], image_shape: tuple[int, ...] | list[int],
-             device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    model: SmallCNN,
+    batches: Iterable[np.ndarray],
+    image_shape: tuple[int, ...] | list[int],
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [B, H, W, C] batches -> (features float64 [N, D], predicted class [N])."""
     feats, preds = [], []
     for batch in batches:
         if tuple(batch.shape[1:]) != tuple(image_shape):
-            raise ValueError(f"images of shape {tuple(batch.shape[1:])} (H, W, C) do not match the classifier's "
-                             f"input {tuple(image_shape)}; train a classifier on data of this shape")
+            raise ValueError(
+                f"images of shape {tuple(batch.shape[1:])} (H, W, C) do not match the classifier's "
+                f"input {tuple(image_shape)}; train a classifier on data of this shape"
+            )
         f, logits = model(_to_input(batch, torch.device(device)))
         feats.append(f.double().cpu().numpy())
         preds.append(logits.argmax(1).cpu().numpy())
@@ -114,8 +130,14 @@ def feature_fn(model: SmallCNN, meta: dict, device: str | torch.device = "cpu") 
     return lambda batch: classify(model, [batch], meta["image_shape"], device)[0]
 
 
-def fid_cls(model: SmallCNN, meta: dict, batches: Iterable[np.ndarray], ref: tuple[np.ndarray, np.ndarray],
-            labels: np.ndarray | None = None, device: str | torch.device = "cpu") -> dict[str, float]:
+def fid_cls(
+    model: SmallCNN,
+    meta: dict,
+    batches: Iterable[np.ndarray],
+    ref: tuple[np.ndarray, np.ndarray],
+    labels: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """Frechet distance in the classifier's features between samples and reference stats (mu, sigma);
     with `labels` also cls_acc, the share of samples classified as their conditioning label."""
     feats, preds = classify(model, batches, meta["image_shape"], device)
@@ -126,12 +148,22 @@ def fid_cls(model: SmallCNN, meta: dict, batches: Iterable[np.ndarray], ref: tup
 
 
 def _batches(x: np.ndarray, size: int) -> Iterable[np.ndarray]:
-    return (x[i:i + size] for i in range(0, len(x), size))
+    return (x[i : i + size] for i in range(0, len(x), size))
 
 
-def train_classifier(x: np.ndarray, y: np.ndarray, *, epochs: int = 3, batch_size: int = 128, lr: float = 5e-3,
-                     width: int = 16, feature_dim: int = 128, seed: int = 0,
-                     device: str | torch.device = "cpu", show_progress: bool = False) -> SmallCNN:
+def train_classifier(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 5e-3,
+    width: int = 16,
+    feature_dim: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+) -> SmallCNN:
     """Train on uint8 images [N, H, W, C] and labels [N] with AdamW and a one-cycle learning rate; with
     `show_progress` a progress bar over the steps, with the loss every 50 steps."""
     torch.manual_seed(seed)
@@ -143,12 +175,13 @@ def train_classifier(x: np.ndarray, y: np.ndarray, *, epochs: int = 3, batch_siz
     rng = np.random.default_rng(seed)
     labels = torch.from_numpy(y.astype(np.int64))
     model.train()
-    with tqdm(total=steps, desc="training classifier", unit="step", disable=not show_progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=steps, desc="training classifier", unit="step", disable=not show_progress, dynamic_ncols=True
+    ) as bar:
         for epoch in range(epochs):
             perm = rng.permutation(len(x))
             for i in range(0, len(x), batch_size):
-                idx = perm[i:i + batch_size]
+                idx = perm[i : i + batch_size]
                 _, logits = model(_to_input(x[idx], torch.device(device)))
                 loss = F.cross_entropy(logits, labels[idx].to(device))
                 opt.zero_grad(set_to_none=True)
@@ -176,18 +209,21 @@ def load_labelled(data: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         y = d.target.astype(np.int64)
         return x[:DIGITS_TRAIN], y[:DIGITS_TRAIN], x[DIGITS_TRAIN:], y[DIGITS_TRAIN:]
     if not Path(data).is_file():
-        raise FileNotFoundError(f"classifier data {data!r} not found; give 'digits' or an .npz file with "
-                                "x_train/y_train (optionally x_test/y_test), x/y or arr_0/arr_1")
+        raise FileNotFoundError(
+            f"classifier data {data!r} not found; give 'digits' or an .npz file with "
+            "x_train/y_train (optionally x_test/y_test), x/y or arr_0/arr_1"
+        )
     with np.load(data) as z:
-        pair = next(((a, b) for a, b in (("x_train", "y_train"), ("x", "y"), ("arr_0", "arr_1"))
-                     if a in z and b in z), None)
+        pair = next(
+            ((a, b) for a, b in (("x_train", "y_train"), ("x", "y"), ("arr_0", "arr_1")) if a in z and b in z), None
+        )
         if pair is None:
             raise KeyError(f"{data}: needs x_train/y_train, x/y or arr_0/arr_1; arrays in the file: {list(z.keys())}")
         x, y = _nhwc(z[pair[0]]), z[pair[1]].astype(np.int64)
         if "x_test" in z and "y_test" in z:
             return x, y, _nhwc(z["x_test"]), z["y_test"].astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(x))
-    train, test = perm[: len(x) - len(x) // 10], perm[len(x) - len(x) // 10:]
+    train, test = perm[: len(x) - len(x) // 10], perm[len(x) - len(x) // 10 :]
     return x[train], y[train], x[test], y[test]
 
 
@@ -197,19 +233,20 @@ def _nhwc(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
-def accuracy(model: SmallCNN, x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu",
-             show_progress: bool = False) -> float:
+def accuracy(
+    model: SmallCNN, x: np.ndarray, y: np.ndarray, device: str | torch.device = "cpu", show_progress: bool = False
+) -> float:
     batches = _batches(x, 512)
-    _, pred = classify(model, progress(batches, len(x), "test accuracy") if show_progress else batches,
-                       x.shape[1:], device)
+    _, pred = classify(
+        model, progress(batches, len(x), "test accuracy") if show_progress else batches, x.shape[1:], device
+    )
     return float((pred == y).mean())
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minsnr train-classifier", description=__doc__, formatter_class=HelpFormatter)
     path = os.path.expanduser
-    p.add_argument("data", type=path,
-                   help="'digits' or an npz with x_train/y_train[/x_test/y_test] or arr_0/arr_1")
+    p.add_argument("data", type=path, help="'digits' or an npz with x_train/y_train[/x_test/y_test] or arr_0/arr_1")
     p.add_argument("--out", required=True, type=path, help="output stem: writes OUT.safetensors and OUT.json")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training images")
     p.add_argument("--batch", type=int, default=128, help="images per optimiser step")
@@ -229,13 +266,31 @@ def _train(a: argparse.Namespace) -> int:
         x, y = x[keep], y[keep]
     start = time.perf_counter()
     device = resolve_device(a.device)
-    model = train_classifier(x, y, epochs=a.epochs, batch_size=a.batch, lr=a.lr, width=a.width, seed=a.seed,
-                             device=device, show_progress=True)
+    model = train_classifier(
+        x,
+        y,
+        epochs=a.epochs,
+        batch_size=a.batch,
+        lr=a.lr,
+        width=a.width,
+        seed=a.seed,
+        device=device,
+        show_progress=True,
+    )
     acc = accuracy(model, x_test, y_test, device, show_progress=True)
-    meta = {"image_shape": list(x.shape[1:]), "num_classes": int(y.max()) + 1, "width": a.width,
-            "feature_dim": model.head.in_features, "test_accuracy": acc, "data": str(a.data),
-            "train_images": len(x), "epochs": a.epochs}
+    meta = {
+        "image_shape": list(x.shape[1:]),
+        "num_classes": int(y.max()) + 1,
+        "width": a.width,
+        "feature_dim": model.head.in_features,
+        "test_accuracy": acc,
+        "data": str(a.data),
+        "train_images": len(x),
+        "epochs": a.epochs,
+    }
     weights = save_classifier(model, a.out, meta)
-    print(f"classifier {weights}: test accuracy {acc:.4f} on {len(x_test)} held-out images "
-          f"({time.perf_counter() - start:.0f} s)")
+    print(
+        f"classifier {weights}: test accuracy {acc:.4f} on {len(x_test)} held-out images "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     return 0

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minsnr.distributed import resolve_device
 from minsnr.evaluate.classifier import classifier_paths, feature_fn, fid_cls, load_classifier
 from minsnr.evaluate.frechet import feature_stats, frechet_distance
 from minsnr.evaluate.images import ImageSet, open_images
-from minsnr.distributed import resolve_device
 from minsnr.evaluate.util import HelpFormatter, progress, run_verb
 
 Stats = tuple[np.ndarray, np.ndarray]
@@ -49,13 +49,15 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
     except ImportError as err:
-        raise ImportError("Inception FID needs torch-fidelity: pip install 'minsnr[fid]' "
-                          "(or use --features classifier)") from err
+        raise ImportError(
+            "Inception FID needs torch-fidelity: pip install 'minsnr[fid]' (or use --features classifier)"
+        ) from err
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"Inception weights file {weights} not found")
     try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                            feature_extractor_weights_path=None if weights is None else str(weights))
+        model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=None if weights is None else str(weights)
+        )
     except OSError as err:
         raise RuntimeError(
             f"could not load the FID Inception weights ({err}). Without network, download {URL_INCEPTION_V3} "
@@ -116,8 +118,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minsnr" / "fid"
 
 
-def reference_stats(ref: str | Path, fn: FeatureFn, tag: str, *, batch_size: int = 100, key: str | None = None,
-                    cache_dir: str | Path | None = None) -> Stats:
+def reference_stats(
+    ref: str | Path,
+    fn: FeatureFn,
+    tag: str,
+    *,
+    batch_size: int = 100,
+    key: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Stats:
     """(mu, sigma) of REF: an ADM batch's own mu/sigma for Inception features, else computed and cached in
     `cache_dir` (default: `default_cache_dir()`) as <name>.<hash of REF's absolute path>.<tag>.stats.npz,
     valid while REF's size and modification time (a folder's: also its listing) hold."""
@@ -128,8 +137,10 @@ def reference_stats(ref: str | Path, fn: FeatureFn, tag: str, *, batch_size: int
                 return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
     images = open_images(ref, key)
     where = str(ref.resolve())
-    cache = Path(cache_dir or default_cache_dir()) / \
-        f"{ref.name}.{hashlib.sha256(where.encode()).hexdigest()[:12]}.{tag}.stats.npz"
+    cache = (
+        Path(cache_dir or default_cache_dir())
+        / f"{ref.name}.{hashlib.sha256(where.encode()).hexdigest()[:12]}.{tag}.stats.npz"
+    )
     batches = progress(images.batches(batch_size), images.count, f"reference features ({ref.name})")
     return cached_stats(cache, f"{where}:{images.key}:{_source_id(ref)}", lambda: compute_stats(batches, fn))
 
@@ -139,14 +150,25 @@ def check_classifier_shape(classifier: str | Path, meta: dict, *image_sets: tupl
     want = tuple(meta["image_shape"])
     wrong = [f"the {name} {s.path} are {s.shape}" for name, s in image_sets if tuple(s.shape) != want]
     if wrong:
-        raise ValueError(f"classifier {classifier} takes images of shape {want} (H, W, C), but " + " and ".join(wrong)
-                         + "; use a classifier trained on images of that shape (minsnr train-classifier)")
+        raise ValueError(
+            f"classifier {classifier} takes images of shape {want} (H, W, C), but "
+            + " and ".join(wrong)
+            + "; use a classifier trained on images of that shape (minsnr train-classifier)"
+        )
 
 
-def compute_fid(samples: str | Path, ref: str | Path, *, features: str = "inception",
-                classifier: str | Path | None = None, inception_weights: str | Path | None = None,
-                batch_size: int = 100, device: str = "auto", ref_key: str | None = None,
-                cache_dir: str | Path | None = None) -> dict[str, float]:
+def compute_fid(
+    samples: str | Path,
+    ref: str | Path,
+    *,
+    features: str = "inception",
+    classifier: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    batch_size: int = 100,
+    device: str = "auto",
+    ref_key: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, float]:
     """{"fid": ...} (Inception) or {"fid_cls": ..., "cls_acc": ...} (classifier; cls_acc when samples have
     labels) of the images in `samples` (npz or folder) against `ref`; reference statistics cached in
     `cache_dir` (see `reference_stats`)."""
@@ -166,8 +188,9 @@ def compute_fid(samples: str | Path, ref: str | Path, *, features: str = "incept
         ref_set = open_images(ref, ref_key)
         check_classifier_shape(classifier, meta, ("samples", sample_set), ("reference images", ref_set))
         tag = f"fid_cls-{file_tag(classifier_paths(classifier)[0])}"
-        ref_stats = reference_stats(ref, feature_fn(model, meta, dev), tag, batch_size=batch_size, key=ref_key,
-                                    cache_dir=cache_dir)
+        ref_stats = reference_stats(
+            ref, feature_fn(model, meta, dev), tag, batch_size=batch_size, key=ref_key, cache_dir=cache_dir
+        )
         out = fid_cls(model, meta, sample_batches, ref_stats, sample_set.labels, dev)
         return {**out, "num_samples": sample_set.count}
     raise ValueError(f"features={features!r} is not valid; choose one of: inception, classifier")
@@ -177,28 +200,48 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minsnr fid", description=__doc__, formatter_class=HelpFormatter)
     path = os.path.expanduser
     p.add_argument("samples", type=path, help="npz (arr_0 uint8 NHWC, arr_1 labels) or image folder")
-    p.add_argument("--ref", required=True, type=path,
-                   help="ADM reference batch npz (mu, sigma), npz of images or folder")
+    p.add_argument(
+        "--ref", required=True, type=path, help="ADM reference batch npz (mu, sigma), npz of images or folder"
+    )
     p.add_argument("--ref-key", default=None, help="image array in the REF npz (default: arr_0, x_train, ...)")
-    p.add_argument("--features", choices=("inception", "classifier"), default="inception",
-                   help="Inception-v3 pool3 (standard FID) or a small classifier's features (fid_cls)")
+    p.add_argument(
+        "--features",
+        choices=("inception", "classifier"),
+        default="inception",
+        help="Inception-v3 pool3 (standard FID) or a small classifier's features (fid_cls)",
+    )
     p.add_argument("--classifier", default=None, type=path, help="classifier from `minsnr train-classifier` (fid_cls)")
-    p.add_argument("--inception-weights", default=None, type=path,
-                   help="local Inception weights file (default: the torch.hub cache, else download)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        type=path,
+        help="local Inception weights file (default: the torch.hub cache, else download)",
+    )
     p.add_argument("--batch", type=int, default=100, help="images per feature batch")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--json", default=None, type=path, help="also write the result to this JSON file")
-    p.add_argument("--cache-dir", default=None, type=path,
-                   help="folder for cached reference statistics (default: $XDG_CACHE_HOME/minsnr/fid, "
-                        "else ~/.cache/minsnr/fid)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        type=path,
+        help="folder for cached reference statistics (default: $XDG_CACHE_HOME/minsnr/fid, else ~/.cache/minsnr/fid)",
+    )
     a = p.parse_args(argv)
     return run_verb("minsnr fid", lambda: _report(a))
 
 
 def _report(a: argparse.Namespace) -> int:
-    out = compute_fid(a.samples, a.ref, features=a.features, classifier=a.classifier,
-                      inception_weights=a.inception_weights, batch_size=a.batch, device=a.device, ref_key=a.ref_key,
-                      cache_dir=a.cache_dir)
+    out = compute_fid(
+        a.samples,
+        a.ref,
+        features=a.features,
+        classifier=a.classifier,
+        inception_weights=a.inception_weights,
+        batch_size=a.batch,
+        device=a.device,
+        ref_key=a.ref_key,
+        cache_dir=a.cache_dir,
+    )
     print("  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
     if a.json:
         Path(a.json).write_text(json.dumps({**out, "samples": a.samples, "ref": a.ref, "features": a.features}))

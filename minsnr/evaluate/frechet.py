@@ -24,14 +24,14 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """
     s1 = torch.from_numpy(np.asarray(sigma1, np.float64))
     s2 = torch.from_numpy(np.asarray(sigma2, np.float64))
-    for a, b in ((s1, s2), (s2, s1)):
-        l, info = torch.linalg.cholesky_ex(a)
+    for a, b in ((s1, s2), (s2, s1)):  # noqa: B007 -- the pair the loop stops at is used below
+        low, info = torch.linalg.cholesky_ex(a)
         if info.item() == 0:
             break
     else:
         w, v = torch.linalg.eigh((a + a.T) / 2)
-        l = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = l.T @ b @ l
+        low = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = low.T @ b @ low
     ev = torch.linalg.eigvalsh((m + m.T) / 2)
     tol = ev.abs().max() * ev.numel() * torch.finfo(torch.float64).eps
     return float(ev[ev > tol].sqrt().sum())

@@ -20,12 +20,11 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> 
     grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
     for i, img in enumerate(images):
         y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[y:y + h, x:x + w] = img
+        grid[y : y + h, x : x + w] = img
     return grid
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
-              min_width: int = 0) -> None:
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None, min_width: int = 0) -> None:
     """Save a grid of images: a float tensor [N, C, H, W] in [-1, 1] or uint8 [N, H, W, C] (C = 1 or 3).
     Grids narrower than `min_width` pixels are enlarged by a whole factor (nearest neighbour), so 8x8
     digits stay visible."""

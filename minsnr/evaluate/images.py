@@ -58,8 +58,9 @@ def _write_images(f: BinaryIO, batches: Iterable[np.ndarray], count: int) -> int
     for batch in batches:
         if shape is None:
             shape = (count, *batch.shape[1:])
-            npy_format.write_array_header_1_0(f, {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)),
-                                                  "fortran_order": False, "shape": shape})
+            npy_format.write_array_header_1_0(
+                f, {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+            )
         if batch.dtype != np.uint8 or batch.shape[1:] != shape[1:]:
             raise ValueError(f"batch {batch.dtype} {batch.shape} does not match uint8 {shape}")
         f.write(np.ascontiguousarray(batch).tobytes())
@@ -82,7 +83,7 @@ class ImageSet:
         """uint8 [B, H, W, C] batches in stored order."""
         if self.files is not None:
             for i in range(0, self.count, batch_size):
-                yield np.stack([_read_image(p, self.shape) for p in self.files[i:i + batch_size]])
+                yield np.stack([_read_image(p, self.shape) for p in self.files[i : i + batch_size]])
             return
         with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             _npy_header(f)
@@ -99,8 +100,10 @@ def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
         a = np.asarray(im.convert("RGB" if shape[2] == 3 else "L"))
     a = a.reshape(*a.shape[:2], shape[2])
     if a.shape != shape:
-        raise ValueError(f"{path}: image of size {a.shape[1]}x{a.shape[0]} differs from the folder's first image "
-                         f"({shape[1]}x{shape[0]}); resize all images to one size first")
+        raise ValueError(
+            f"{path}: image of size {a.shape[1]}x{a.shape[0]} differs from the folder's first image "
+            f"({shape[1]}x{shape[0]}); resize all images to one size first"
+        )
     return a
 
 
@@ -129,8 +132,7 @@ def open_images(path: str | Path, key: str | None = None) -> ImageSet:
         with zf.open(f"{key}.npy") as f:
             shape, dtype = _npy_header(f)
     if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
-        raise ValueError(f"{path}:{key} must be uint8 [N, H, W, C] with C in (1, 3) or [N, H, W]; "
-                         f"got {dtype} {shape}")
+        raise ValueError(f"{path}:{key} must be uint8 [N, H, W, C] with C in (1, 3) or [N, H, W]; got {dtype} {shape}")
     hwc = (shape[1], shape[2], shape[3] if len(shape) == 4 else 1)
     label_key = LABEL_KEYS.get(key)
     labels = None

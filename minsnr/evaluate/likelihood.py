@@ -71,15 +71,26 @@ def importance(schedule: Schedule) -> Tensor:
 
 def draw_timesteps(p: Tensor, num: int, draws: int, generator: torch.Generator) -> Tensor:
     """Stratified draws [num, draws]: image j, stratum k gets the inverse CDF of p at (k + u_jk) / draws."""
-    u = (torch.arange(draws, dtype=torch.float64) + torch.rand(num, draws, dtype=torch.float64, generator=generator)) / draws
+    u = (
+        torch.arange(draws, dtype=torch.float64) + torch.rand(num, draws, dtype=torch.float64, generator=generator)
+    ) / draws
     cdf = torch.cumsum(p.cpu(), 0)
     return torch.searchsorted(cdf, u.clamp(max=float(cdf[-1]) * (1 - 1e-12))).clamp(1, len(p) - 1)
 
 
 @torch.no_grad()
-def bits_per_dim(model: nn.Module, schedule: Schedule, target: str, x: Tensor, labels: Tensor | None, *,
-                 draws: int = DEFAULT_DRAWS, seed: int = 0, batch_size: int = 250,
-                 device: torch.device | str = "cpu") -> dict[str, float]:
+def bits_per_dim(
+    model: nn.Module,
+    schedule: Schedule,
+    target: str,
+    x: Tensor,
+    labels: Tensor | None,
+    *,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """The bound in bits per dimension of the images x (float [N, C, H, W] in [-1, 1], quantized to 8 bits
     here), averaged over the images, and its three terms. `model(x_t, t, labels)` predicts `target`."""
     schedule = schedule.to(device)
@@ -107,11 +118,11 @@ def bits_per_dim(model: nn.Module, schedule: Schedule, target: str, x: Tensor, l
             x_hat = predict_x0(pred, x_t.double(), alpha, sigma, target)
             totals["diffusion"] += float((weight[t] * (x0 - x_hat).square().flatten(1).sum(1)).sum())
     for i in range(0, n, batch_size):
-        x0 = xq[i:i + batch_size].to(device)
+        x0 = xq[i : i + batch_size].to(device)
         zero = torch.zeros(len(x0), dtype=torch.long, device=device)
         a0 = schedule.alpha(zero).view(-1, *[1] * (x0.dim() - 1))
         s0 = schedule.sigma(zero).view(-1, *[1] * (x0.dim() - 1))
-        z0 = a0 * x0 + s0 * noise0[i:i + batch_size].to(device)
+        z0 = a0 * x0 + s0 * noise0[i : i + batch_size].to(device)
         totals["prior"] += float(prior_kl(x0, schedule).sum())
         totals["decoder"] += float(decoder_nll(x0, z0, schedule).sum())
     scale = 1.0 / (n * dims * math.log(2))

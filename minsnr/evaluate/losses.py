@@ -33,8 +33,9 @@ from minsnr.seeds import derive_seed
 from minsnr.timesteps import bins as timestep_bins
 
 
-def held_out(cfg: Config, data: str | None, split: str, num: int,
-             seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def held_out(
+    cfg: Config, data: str | None, split: str, num: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Up to `num` un-augmented images [N, C, H, W] (a seeded subset) and labels (None if unconditional)."""
     from minsnr.data import build_dataset, source_of
 
@@ -54,15 +55,25 @@ def held_out(cfg: Config, data: str | None, split: str, num: int,
 
 
 @torch.no_grad()
-def bin_losses(model: nn.Module, cfg: Config, x: torch.Tensor, labels: torch.Tensor | None, *, bins: int = 10,
-               seed: int = 0, batch_size: int = 250, device: torch.device | str = "cpu",
-               desc: str | None = None) -> list[float]:
+def bin_losses(
+    model: nn.Module,
+    cfg: Config,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    bins: int = 10,
+    seed: int = 0,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+) -> list[float]:
     """Mean unweighted x0 MSE per timestep range [k T/bins, (k+1) T/bins); a progress bar named `desc`
     over the bins when given."""
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
     out = []
-    ranges = tqdm(timestep_bins(schedule.num_timesteps, bins), desc=desc, unit="bin", disable=desc is None,
-                  dynamic_ncols=True)
+    ranges = tqdm(
+        timestep_bins(schedule.num_timesteps, bins), desc=desc, unit="bin", disable=desc is None, dynamic_ncols=True
+    )
     for b, (lo, hi) in enumerate(ranges):
         gen = torch.Generator().manual_seed(derive_seed(seed, b))
         noise = torch.randn(x.shape, generator=gen)
@@ -71,8 +82,16 @@ def bin_losses(model: nn.Module, cfg: Config, x: torch.Tensor, labels: torch.Ten
         for i in range(0, len(x), batch_size):
             s = slice(i, i + batch_size)
             y = None if labels is None else labels[s].to(device)
-            res = diffusion_loss(model, x[s].to(device), y, schedule, target=cfg.loss.target, weighting="const",
-                                 t=t[s].to(device), noise=noise[s].to(device))
+            res = diffusion_loss(
+                model,
+                x[s].to(device),
+                y,
+                schedule,
+                target=cfg.loss.target,
+                weighting="const",
+                t=t[s].to(device),
+                noise=noise[s].to(device),
+            )
             total += res.mse_x0.double().sum()
         out.append(float(total) / len(x))
     return out
@@ -102,8 +121,9 @@ def plot(results: list[dict[str, Any]], bins: list[list[int]], path: Path) -> No
         runs.setdefault(r["run"], []).append(r)
     if all(r["step"] is not None for r in results) and max(len(v) for v in runs.values()) > 1:
         cols = min(5, len(bins))
-        fig, axes = plt.subplots(-(-len(bins) // cols), cols, figsize=(3.2 * cols, 2.8 * -(-len(bins) // cols)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            -(-len(bins) // cols), cols, figsize=(3.2 * cols, 2.8 * -(-len(bins) // cols)), squeeze=False
+        )
         for k, ax in enumerate(axes.flat):
             if k >= len(bins):
                 ax.axis("off")
@@ -135,15 +155,23 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minsnr losses", description=__doc__, formatter_class=HelpFormatter)
     path = os.path.expanduser
     p.add_argument("checkpoints", nargs="+", type=path, help=".pt checkpoints or exported .safetensors")
-    p.add_argument("--data", default=None, type=path,
-                   help="held-out data: digits, an .npz or an image folder (default: the run's data config)")
+    p.add_argument(
+        "--data",
+        default=None,
+        type=path,
+        help="held-out data: digits, an .npz or an image folder (default: the run's data config)",
+    )
     p.add_argument("--split", choices=("train", "test"), default="test", help="split of the run's data or --data")
     p.add_argument("--num", type=int, default=1000, help="held-out images")
     p.add_argument("--bins", type=int, default=10, help="equal timestep ranges")
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset and the noise")
     p.add_argument("--batch", type=int, default=250, help="images per forward pass")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="EMA weights; --no-ema: the raw training weights (.pt checkpoints only)")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EMA weights; --no-ema: the raw training weights (.pt checkpoints only)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     p.add_argument("--out", default="losses", type=path, help="writes OUT.json and OUT.png")
     a = p.parse_args(argv)
@@ -161,8 +189,9 @@ def _losses(a: argparse.Namespace) -> int:
     for ckpt in a.checkpoints:
         model, cfg = load_model(ckpt, ema=a.ema, map_location=device)
         x, labels = held_out(cfg, a.data, a.split, a.num, a.seed)
-        mse = bin_losses(model, cfg, x, labels, bins=a.bins, seed=a.seed, batch_size=a.batch, device=device,
-                         desc=Path(ckpt).name)
+        mse = bin_losses(
+            model, cfg, x, labels, bins=a.bins, seed=a.seed, batch_size=a.batch, device=device, desc=Path(ckpt).name
+        )
         results.append({"path": str(ckpt), "run": _run_name(Path(ckpt)), "step": _step(Path(ckpt)), "mse": mse})
         print(f"{ckpt}: " + " ".join(f"{m:.4g}" for m in mse))
     bins = [[lo, hi] for lo, hi in timestep_bins(cfg.schedule.num_timesteps, a.bins)]

@@ -35,24 +35,25 @@ def reference_batches(dataset: Any, batch_size: int, limit: int = MAX_REFERENCE)
     """Un-augmented training images as uint8 [B, H, W, C] batches (at most `limit`, evenly spaced)."""
     idx = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(np.int64))
     for i in range(0, len(idx), batch_size):
-        yield to_uint8(dataset.get_batch(idx[i:i + batch_size].tolist())[0])
+        yield to_uint8(dataset.get_batch(idx[i : i + batch_size].tolist())[0])
 
 
-def draw_samples(model: nn.Module, cfg: Config, num: int, device: torch.device,
-                 batch_size: int = 250) -> tuple[list[np.ndarray], np.ndarray | None]:
+def draw_samples(
+    model: nn.Module, cfg: Config, num: int, device: torch.device, batch_size: int = 250
+) -> tuple[list[np.ndarray], np.ndarray | None]:
     """`num` class-balanced samples (uint8 batches) and their labels, from seed cfg.train.seed."""
     k = cfg.model.num_classes
     labels = balanced_labels(num, k, cfg.train.seed) if k > 0 else None
     batches = []
     for lo in range(0, num, batch_size):
-        y = None if labels is None else labels[lo:lo + batch_size]
-        batches.append(sample_images(model, cfg, y, min(batch_size, num - lo), cfg.train.seed, first=lo,
-                                     device=device))
+        y = None if labels is None else labels[lo : lo + batch_size]
+        batches.append(sample_images(model, cfg, y, min(batch_size, num - lo), cfg.train.seed, first=lo, device=device))
     return batches, labels
 
 
-def make_scorer(path: str | None, dataset: Any, cache_dir: Path, cfg: Config,
-                device: torch.device) -> Callable[[list[np.ndarray], np.ndarray | None], dict[str, float]]:
+def make_scorer(
+    path: str | None, dataset: Any, cache_dir: Path, cfg: Config, device: torch.device
+) -> Callable[[list[np.ndarray], np.ndarray | None], dict[str, float]]:
     """(sample batches, labels) -> {"fid_cls", "cls_acc"} with the classifier at `path`, else {"fid"};
     reference statistics of `dataset` computed once and cached in cache_dir."""
     if path:
@@ -63,8 +64,11 @@ def make_scorer(path: str | None, dataset: Any, cache_dir: Path, cfg: Config,
         features = inception_fn(load_inception(None, device), device)
         tag = "inception"
     source = json.dumps({"data": vars(cfg.data), "count": len(dataset)}, sort_keys=True)
-    ref = cached_stats(cache_dir / f"ref.{tag}.stats.npz", source,
-                       lambda: compute_stats(reference_batches(dataset, cfg.train.batch_size), features))
+    ref = cached_stats(
+        cache_dir / f"ref.{tag}.stats.npz",
+        source,
+        lambda: compute_stats(reference_batches(dataset, cfg.train.batch_size), features),
+    )
     if path:
         return lambda batches, labels: fid_cls(model, meta, batches, ref, labels, device)
     return lambda batches, labels: {"fid": frechet_distance(*compute_stats(batches, features), *ref)}
@@ -87,15 +91,18 @@ def make_bpd_scorer(cfg: Config, device: torch.device) -> Callable[[nn.Module], 
     if split != "test":
         print(f"bits/dim: data.source={cfg.data.source} has no test split; scoring {len(x)} training images")
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
-    return lambda model: bits_per_dim(model, schedule, cfg.loss.target, x, labels, seed=cfg.train.seed,
-                                      batch_size=cfg.train.batch_size, device=device)
+    return lambda model: bits_per_dim(
+        model, schedule, cfg.loss.target, x, labels, seed=cfg.train.seed, batch_size=cfg.train.batch_size, device=device
+    )
 
 
 def make_eval_hook(cfg: Config) -> Callable[[Any], dict[str, float]]:
     """A minsnr.train Hook function: ctx (ema, device, run_dir, dataset) -> metrics to log."""
     if cfg.data.source == "latent":
-        raise ValueError("log.eval_every > 0 is for pixel-space runs; evaluate latent models with "
-                         "`minsnr sample` + `minsnr fid` on their checkpoints")
+        raise ValueError(
+            "log.eval_every > 0 is for pixel-space runs; evaluate latent models with "
+            "`minsnr sample` + `minsnr fid` on their checkpoints"
+        )
     if cfg.log.eval_num < 2:
         raise ValueError(f"log.eval_num={cfg.log.eval_num} must be >= 2")
     metric = metric_of(cfg)

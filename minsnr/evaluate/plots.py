@@ -50,7 +50,7 @@ def first_reach(steps: np.ndarray, values: np.ndarray, threshold: float) -> floa
 
 
 def pick_metric(run_dirs: list[str]) -> str:
-    """"fid" if every run logged it, else "fid_cls" if every run did."""
+    """ "fid" if every run logged it, else "fid_cls" if every run did."""
     for metric in ("fid", "fid_cls"):
         if all(len(read_metric(r, metric)[0]) for r in run_dirs):
             return metric
@@ -69,9 +69,18 @@ def compare(run_dirs: list[str], metric: str, threshold: float | None = None) ->
         threshold = max(float(v.min()) for _, v in curves.values())
     reach = {r: first_reach(s, v, threshold) for r, (s, v) in curves.items()}
     base = reach[run_dirs[0]]
-    runs = [{"run": r, "label": Path(r).name, "steps": s.tolist(), "values": v.tolist(), "best": float(v.min()),
-             "reach_step": reach[r],
-             "speedup": None if base is None or not reach[r] else base / reach[r]} for r, (s, v) in curves.items()]
+    runs = [
+        {
+            "run": r,
+            "label": Path(r).name,
+            "steps": s.tolist(),
+            "values": v.tolist(),
+            "best": float(v.min()),
+            "reach_step": reach[r],
+            "speedup": None if base is None or not reach[r] else base / reach[r],
+        }
+        for r, (s, v) in curves.items()
+    ]
     return {"metric": metric, "threshold": threshold, "baseline": run_dirs[0], "runs": runs}
 
 
@@ -97,8 +106,13 @@ def plot(result: dict[str, Any], path: Path, log_y: bool = False) -> None:
         if r["reach_step"] is not None:
             ax.plot([r["reach_step"]], [result["threshold"]], "o", color=line.get_color(), markersize=8)
             if r["speedup"] is not None and r["run"] != result["baseline"]:
-                ax.annotate(f"{r['speedup']:.1f}x faster", (r["reach_step"], result["threshold"]),
-                            textcoords="offset points", xytext=(4, 8), color=line.get_color())
+                ax.annotate(
+                    f"{r['speedup']:.1f}x faster",
+                    (r["reach_step"], result["threshold"]),
+                    textcoords="offset points",
+                    xytext=(4, 8),
+                    color=line.get_color(),
+                )
     ax.axhline(result["threshold"], color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("training step")
     ax.set_ylabel(result["metric"])

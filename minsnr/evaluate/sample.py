@@ -49,8 +49,12 @@ def balanced_labels(num: int, num_classes: int, seed: int) -> np.ndarray:
 def image_noise(seed: int, first: int, num: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The starting noise of images first .. first + num - 1, float32 [num, *shape] on the CPU: image j's from
     torch.Generator(derive_seed(seed, j)), so batching, ranks and resuming never change which image is drawn."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, j)))
-                        for j in range(first, first + num)])
+    return torch.stack(
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, j)))
+            for j in range(first, first + num)
+        ]
+    )
 
 
 def trained_class_names(checkpoint: str | Path) -> list[str]:
@@ -71,8 +75,11 @@ def sampled_classes(checkpoint: str | Path, num_classes: int, say: bool = True) 
     names = trained_class_names(checkpoint)
     if 0 < len(names) < num_classes and say:
         shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-        print(f"note: {checkpoint} has {num_classes} class rows but was trained on {len(names)} classes "
-              f"({shown}); drawing labels 0..{len(names) - 1} only", file=sys.stderr)
+        print(
+            f"note: {checkpoint} has {num_classes} class rows but was trained on {len(names)} classes "
+            f"({shown}); drawing labels 0..{len(names) - 1} only",
+            file=sys.stderr,
+        )
     return len(names) if 0 < len(names) < num_classes else num_classes
 
 
@@ -90,19 +97,39 @@ def latent_decoder(cfg: Config, device: torch.device, latents: str | None = None
     return lambda z: torch.cat([decode_latents(vae, part, meta["scale_factor"]) for part in z.split(32)])
 
 
-def sample_images(model: nn.Module, cfg: Config, labels: np.ndarray | None, num: int, seed: int, *,
-                  device: torch.device, decode: Decode | None = None, sampler: str | None = None,
-                  steps: int | None = None, cfg_scale: float | None = None, first: int = 0) -> np.ndarray:
+def sample_images(
+    model: nn.Module,
+    cfg: Config,
+    labels: np.ndarray | None,
+    num: int,
+    seed: int,
+    *,
+    device: torch.device,
+    decode: Decode | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    first: int = 0,
+) -> np.ndarray:
     """`num` uint8 [N, H, W, C] images from `model`: images first .. first + num - 1 of the sequence that
     `seed` defines (`image_noise`); sampler settings default to cfg.sample."""
     m, s = cfg.model, cfg.sample
     shape = (m.in_channels, m.input_size, m.input_size)
     y = None if labels is None else torch.as_tensor(labels, device=device)
-    x = generate(model, make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps), cfg.loss.target, y,
-                 shape=(num, *shape), sampler=sampler or s.sampler,
-                 steps=steps or s.steps, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-                 num_classes=m.num_classes, sigma_max=s.sigma_max, device=device,
-                 noise=image_noise(seed, first, num, shape))
+    x = generate(
+        model,
+        make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps),
+        cfg.loss.target,
+        y,
+        shape=(num, *shape),
+        sampler=sampler or s.sampler,
+        steps=steps or s.steps,
+        cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+        num_classes=m.num_classes,
+        sigma_max=s.sigma_max,
+        device=device,
+        noise=image_noise(seed, first, num, shape),
+    )
     return to_uint8(decode(x) if decode is not None else x)
 
 
@@ -124,14 +151,19 @@ def run(args: argparse.Namespace) -> Path | None:
     classes = sampled_classes(args.checkpoint, cfg.model.num_classes, say=rank == 0)
     out = Path(args.out)
     folder = out.with_name(out.name + ".chunks")
-    settings = {k: str(v) for k, v in vars(args).items() if k in (
-        "checkpoint", "num", "sampler", "steps", "cfg_scale", "ema", "seed", "batch")}
+    settings = {
+        k: str(v)
+        for k, v in vars(args).items()
+        if k in ("checkpoint", "num", "sampler", "steps", "cfg_scale", "ema", "seed", "batch")
+    }
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         stored = folder / "settings.json"
         if stored.is_file() and json.loads(stored.read_text()) != settings:
-            raise ValueError(f"{folder} holds chunks drawn with other settings ({stored.read_text().strip()}); "
-                             f"use the same arguments to resume, or delete {folder}")
+            raise ValueError(
+                f"{folder} holds chunks drawn with other settings ({stored.read_text().strip()}); "
+                f"use the same arguments to resume, or delete {folder}"
+            )
         stored.write_text(json.dumps(settings))
     barrier(world)
     labels = balanced_labels(args.num, classes, args.seed) if classes > 0 else None
@@ -142,8 +174,19 @@ def run(args: argparse.Namespace) -> Path | None:
     for i in tqdm(todo, disable=rank != 0, desc=f"sampling {args.num} images", unit="chunk"):
         lo, hi = i * args.batch, min(args.num, (i + 1) * args.batch)
         y = None if labels is None else labels[lo:hi]
-        images = sample_images(model, cfg, y, hi - lo, args.seed, device=device, decode=decode,
-                               sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, first=lo)
+        images = sample_images(
+            model,
+            cfg,
+            y,
+            hi - lo,
+            args.seed,
+            device=device,
+            decode=decode,
+            sampler=args.sampler,
+            steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            first=lo,
+        )
         tmp = folder / f"{i:06d}.tmp.npz"
         np.savez(tmp, images=images)
         tmp.replace(folder / f"{i:06d}.npz")
@@ -198,25 +241,41 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="minsnr sample", description=__doc__, formatter_class=HelpFormatter)
     path = os.path.expanduser
     p.add_argument("checkpoint", type=path, help="a .pt checkpoint or an exported ema.safetensors")
-    p.add_argument("--num", "--num-images", dest="num", type=int, default=50_000,
-                   help="number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)")
+    p.add_argument(
+        "--num",
+        "--num-images",
+        dest="num",
+        type=int,
+        default=50_000,
+        help="number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)",
+    )
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's")
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sample.cfg_scale")
     p.add_argument("--out", default="samples.npz", type=path, help="output npz (arr_0 images, arr_1 labels)")
     p.add_argument("--png-dir", default=None, type=path, help="also write every image as PNG (name: index_label)")
-    p.add_argument("--grid", default=None, type=path,
-                   help="also write a picture of the first 10 images of the first 10 classes, one row per class "
-                        "(unconditional: the first 100 images)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="EMA weights; --no-ema: the raw training weights (.pt checkpoints only)")
+    p.add_argument(
+        "--grid",
+        default=None,
+        type=path,
+        help="also write a picture of the first 10 images of the first 10 classes, one row per class "
+        "(unconditional: the first 100 images)",
+    )
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EMA weights; --no-ema: the raw training weights (.pt checkpoints only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the labels and the noise")
     p.add_argument("--batch", type=int, default=250, help="images per forward batch and per chunk file")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-    p.add_argument("--latents", default=None, type=path,
-                   help="latent folder with meta.json (default: the run's data.path)")
-    p.add_argument("--max-chunks", type=int, default=0,
-                   help="stop after drawing N chunks, 0: no limit (rerun to go on)")
+    p.add_argument(
+        "--latents", default=None, type=path, help="latent folder with meta.json (default: the run's data.path)"
+    )
+    p.add_argument(
+        "--max-chunks", type=int, default=0, help="stop after drawing N chunks, 0: no limit (rerun to go on)"
+    )
     args = p.parse_args(argv)
     if args.num < 1 or args.batch < 1:
         p.error(f"--num {args.num} and --batch {args.batch} must be >= 1")

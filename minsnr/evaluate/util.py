@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
 
 def run_verb(prog: str, body: Callable[[], int]) -> int:
     """Run a verb's body; a bad file, value or setting ends it with one line on stderr and exit code 1."""
@@ -59,5 +59,7 @@ def log_through_progress_bars(level: int = logging.WARNING) -> None:
 def check_ema_choice(checkpoint: str | Path, ema: bool) -> None:
     """An exported .safetensors file holds the EMA weights only, so --no-ema cannot be honoured with it."""
     if not ema and Path(checkpoint).suffix == ".safetensors":
-        raise ValueError(f"--no-ema asks for the raw training weights, but {checkpoint} is an EMA-only export; "
-                         "pass the run's checkpoints/latest.pt instead, or drop --no-ema")
+        raise ValueError(
+            f"--no-ema asks for the raw training weights, but {checkpoint} is an EMA-only export; "
+            "pass the run's checkpoints/latest.pt instead, or drop --no-ema"
+        )

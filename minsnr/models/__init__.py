@@ -1,13 +1,14 @@
 """Backbones by name: the paper's vanilla ViTs (table 6) and the ADM UNet (appendix C.1).
 
-    model = create_model("vit_b", input_size=32, in_channels=4, num_classes=1000, patch_size=2)
-    x0_hat = model(x_t, t, labels)  # x_t [B, C, H, W], t [B] in [0, T): int64 in training, fractional float when sampling, labels long [B] or None
+model = create_model("vit_b", input_size=32, in_channels=4, num_classes=1000, patch_size=2)
+x0_hat = model(x_t, t, labels)  # x_t [B, C, H, W], t [B] in [0, T): int64 in training, fractional float when sampling, labels long [B] or None
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -24,10 +25,16 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "vit_l": (ViT, dict(depth=21, width=1024, num_heads=16)),
     "vit_xl": (ViT, dict(depth=28, width=1152, num_heads=16)),
     # appendix C.1 ablation UNet on 32x32x4 latents
-    "unet_adm_ablation": (UNet, dict(base_channels=192, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
-                                     attention_resolutions=(16, 8), num_heads=4)),
-    "unet_tiny": (UNet, dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                             attention_resolutions=(4,), num_heads=2)),  # CPU tests, 8x8 inputs
+    "unet_adm_ablation": (
+        UNet,
+        dict(
+            base_channels=192, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4
+        ),
+    ),
+    "unet_tiny": (
+        UNet,
+        dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2),
+    ),  # CPU tests, 8x8 inputs
 }
 
 
@@ -60,5 +67,6 @@ class ModelSpec(Protocol):
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """The backbone a config's `model` section describes."""
-    return create_model(spec.name, input_size=spec.input_size, in_channels=spec.in_channels,
-                        num_classes=spec.num_classes, **spec.args)
+    return create_model(
+        spec.name, input_size=spec.input_size, in_channels=spec.in_channels, num_classes=spec.num_classes, **spec.args
+    )

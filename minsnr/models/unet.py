@@ -35,8 +35,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, emb_dim: int, out_ch: int, dropout: float, resample: str = "none") -> None:
         super().__init__()
         self.in_norm = nn.GroupNorm(GROUPS, in_ch)
-        self.resample = {"none": nn.Identity(), "up": nn.Upsample(scale_factor=2, mode="nearest"),
-                         "down": nn.AvgPool2d(2)}[resample]
+        self.resample = {
+            "none": nn.Identity(),
+            "up": nn.Upsample(scale_factor=2, mode="nearest"),
+            "down": nn.AvgPool2d(2),
+        }[resample]
         self.in_conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
         self.out_norm = nn.GroupNorm(GROUPS, out_ch)
@@ -84,15 +87,26 @@ class UNet(nn.Module):
     null label of classifier-free guidance (labels=None means the null label).
     """
 
-    def __init__(self, *, input_size: int, in_channels: int, num_classes: int, base_channels: int = 192,
-                 channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 3,
-                 attention_resolutions: Sequence[int] = (16, 8), num_heads: int = 4,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        num_classes: int,
+        base_channels: int = 192,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 3,
+        attention_resolutions: Sequence[int] = (16, 8),
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or input_size % 2 ** (levels - 1):
-            raise ValueError(f"input_size={input_size} must be divisible by 2**(len(channel_mult) - 1) = "
-                             f"{2 ** (levels - 1)} (channel_mult={list(channel_mult)})")
+            raise ValueError(
+                f"input_size={input_size} must be divisible by 2**(len(channel_mult) - 1) = "
+                f"{2 ** (levels - 1)} (channel_mult={list(channel_mult)})"
+            )
         sizes = [input_size // 2**i for i in range(levels)]
         bad = sorted(set(attention_resolutions) - set(sizes))
         if bad:
@@ -124,8 +138,9 @@ class UNet(nn.Module):
             if level < levels - 1:
                 self.down.append(EmbedSequential([ResBlock(ch, emb_dim, ch, dropout, "down")]))
                 skips.append(ch)
-        self.middle = EmbedSequential([ResBlock(ch, emb_dim, ch, dropout), AttentionBlock(ch, num_heads),
-                                       ResBlock(ch, emb_dim, ch, dropout)])
+        self.middle = EmbedSequential(
+            [ResBlock(ch, emb_dim, ch, dropout), AttentionBlock(ch, num_heads), ResBlock(ch, emb_dim, ch, dropout)]
+        )
         self.up = nn.ModuleList()
         for level in reversed(range(levels)):
             for i in range(num_res_blocks + 1):

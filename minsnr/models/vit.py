@@ -40,9 +40,19 @@ class ViT(nn.Module):
     labels=None means the null label for the whole batch.
     """
 
-    def __init__(self, *, input_size: int, in_channels: int, num_classes: int, depth: int, width: int,
-                 num_heads: int, patch_size: int = 2, mlp_ratio: float = 4.0,
-                 grad_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        num_classes: int,
+        depth: int,
+        width: int,
+        num_heads: int,
+        patch_size: int = 2,
+        mlp_ratio: float = 4.0,
+        grad_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if patch_size < 1 or input_size % patch_size:
             raise ValueError(f"patch_size={patch_size} must divide input_size={input_size}")
@@ -97,5 +107,5 @@ class ViT(nn.Module):
                 h = checkpoint(block, h, use_reentrant=False)
             else:
                 h = block(h)
-        h = self.head(self.norm(h[:, self.num_extra:]))  # drop time/class tokens: [B, L, p*p*C]
+        h = self.head(self.norm(h[:, self.num_extra :]))  # drop time/class tokens: [B, L, p*p*C]
         return self.unpatchify(h)

@@ -20,27 +20,33 @@ import torch
 from minsnr.checkpoint import CheckpointError
 from minsnr.config import ConfigError
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice
+from minsnr.gram import Range, auto_block, gram_matrix, make_task_batch, sampled_ranges, task_losses
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
 from minsnr.pareto.compare import compare, cosine_matrix, instability, negative_cosine_fraction
-from minsnr.gram import (Range, auto_block, gram_matrix, make_task_batch, sampled_ranges,
-                                task_losses)
 from minsnr.pareto.plots import LABELS, plot_cosines, plot_instability, plot_objectives
 from minsnr.timesteps import bins
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="minsnr pareto", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="minsnr pareto", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     add_common_args(p)
     p.add_argument("--tasks", type=int, default=20, help="number of tasks K")
     p.add_argument("--sampled", action="store_true", help="K sampled timesteps instead of K equal ranges")
     p.add_argument("--batch", type=int, default=16, help="images per task, the same for every task")
     p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="lambda of eq. 11 (0: eq. 10)")
-    p.add_argument("--relative-lambda", action="store_true",
-                   help="--lambda in units of the mean squared task-gradient norm trace(G)/K, so it does not "
-                        "depend on the scale of the loss")
-    p.add_argument("--block", type=int, help="gradients held at once (default: all on CPU, what fits on CUDA); "
-                                             "1 = lowest memory, recomputes gradients")
+    p.add_argument(
+        "--relative-lambda",
+        action="store_true",
+        help="--lambda in units of the mean squared task-gradient norm trace(G)/K, so it does not "
+        "depend on the scale of the loss",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        help="gradients held at once (default: all on CPU, what fits on CUDA); 1 = lowest memory, recomputes gradients",
+    )
     p.add_argument("--micro-batch", type=int, help="samples per forward/backward pass (default: a whole task)")
     p.add_argument("--instability", action="store_true", help="also figure 3: UGD weights from few samples")
     p.add_argument("--sizes", default="1,2,4,8,16", help="samples per task for --instability")
@@ -86,29 +92,48 @@ def run(args: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
     x0, labels = draw(loaded, args.batch, gen)
     batch = make_task_batch(x0, labels, ranges, generator=gen).to(loaded.device)
     block = args.block or auto_block(model, args.tasks)
-    gram = gram_matrix(model, batch, sched, cfg.loss.target, block=block, micro_batch=args.micro_batch,
-                       progress=True).numpy()
+    gram = gram_matrix(
+        model, batch, sched, cfg.loss.target, block=block, micro_batch=args.micro_batch, progress=True
+    ).numpy()
     mean_diag = float(np.trace(gram) / len(gram))
     lam = args.lam * mean_diag if args.relative_lambda else args.lam
     results = compare(gram, sched, ranges, lam)
     losses = task_losses(model, batch, sched, cfg.loss.target, micro_batch=args.micro_batch)
     return {
-        "checkpoint": str(args.checkpoint), "model": cfg.model.name, "target": cfg.loss.target,
-        "trained_weighting": cfg.loss.weighting, "data": {"source": cfg.data.source, "path": cfg.data.path,
-                                                          "split": args.split},
-        "tasks": ranges, "images_per_task": args.batch, "lambda": lam, "seed": args.seed,
-        "lambda_relative": lam / mean_diag if mean_diag > 0 else None, "mean_gram_diagonal": mean_diag,
+        "checkpoint": str(args.checkpoint),
+        "model": cfg.model.name,
+        "target": cfg.loss.target,
+        "trained_weighting": cfg.loss.weighting,
+        "data": {"source": cfg.data.source, "path": cfg.data.path, "split": args.split},
+        "tasks": ranges,
+        "images_per_task": args.batch,
+        "lambda": lam,
+        "seed": args.seed,
+        "lambda_relative": lam / mean_diag if mean_diag > 0 else None,
+        "mean_gram_diagonal": mean_diag,
         "task_losses": losses.tolist(),
-        "neg_cos_frac": negative_cosine_fraction(gram), "results": results, "gram": gram.tolist(),
+        "neg_cos_frac": negative_cosine_fraction(gram),
+        "results": results,
+        "gram": gram.tolist(),
         "cosine": cosine_matrix(gram).tolist(),
     }
 
 
 def run_instability(args: argparse.Namespace, loaded: Loaded, ranges: list[Range]) -> dict[str, Any]:
-    entries = instability(loaded.model, lambda n, g: draw(loaded, n, g), loaded.schedule, loaded.cfg.loss.target,
-                          ranges, sizes=args.sizes, repeats=args.repeats, lam=args.lam,
-                          relative_lambda=args.relative_lambda, seed=args.seed,
-                          block=args.block or auto_block(loaded.model, len(ranges)), micro_batch=args.micro_batch)
+    entries = instability(
+        loaded.model,
+        lambda n, g: draw(loaded, n, g),
+        loaded.schedule,
+        loaded.cfg.loss.target,
+        ranges,
+        sizes=args.sizes,
+        repeats=args.repeats,
+        lam=args.lam,
+        relative_lambda=args.relative_lambda,
+        seed=args.seed,
+        block=args.block or auto_block(loaded.model, len(ranges)),
+        micro_batch=args.micro_batch,
+    )
     return {"tasks": ranges, "lambda": args.lam, "relative_lambda": args.relative_lambda, "sizes": entries}
 
 
@@ -123,9 +148,13 @@ def main(argv: list[str]) -> int:
     out = out_dir(args, "pareto")
     ranges = [tuple(r) for r in report["tasks"]]
     (out / "pareto.json").write_text(json.dumps(report, indent=1))
-    plot_objectives(report["results"], ranges, out / "pareto.png",
-                    title=f"eq. 11, lambda {report['lambda']:.3g}: {report['model']} ({report['target']}, "
-                          f"trained {report['trained_weighting']})")
+    plot_objectives(
+        report["results"],
+        ranges,
+        out / "pareto.png",
+        title=f"eq. 11, lambda {report['lambda']:.3g}: {report['model']} ({report['target']}, "
+        f"trained {report['trained_weighting']})",
+    )
     plot_cosines(np.array(report["cosine"]), ranges, out / "cosine.png")
     print(table(report["results"]))
     print(f"conflicting task pairs (negative cosine): {report['neg_cos_frac']:.1%}")
@@ -133,7 +162,9 @@ def main(argv: list[str]) -> int:
         unstable = run_instability(args, loaded, ranges)
         (out / "instability.json").write_text(json.dumps(unstable, indent=1))
         plot_instability(unstable["sizes"], ranges, out / "instability.png")
-        print("instability (mean std of UGD weights): " +
-              ", ".join(f"{e['samples_per_task']}/task {e['spread']:.4f}" for e in unstable["sizes"]))
+        print(
+            "instability (mean std of UGD weights): "
+            + ", ".join(f"{e['samples_per_task']}/task {e['spread']:.4f}" for e in unstable["sizes"])
+        )
     print(f"wrote {out}")
     return 0

@@ -34,13 +34,21 @@ class Loaded:
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=os.path.expanduser, help="a .pt checkpoint or exported .safetensors file")
-    parser.add_argument("overrides", nargs="*", metavar="data.key=value",
-                        help="changes to the checkpoint's data config, e.g. data.source=npz")
-    parser.add_argument("--data", type=os.path.expanduser,
-                        help="data path (sets data.path; the source comes from the checkpoint config)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data.key=value",
+        help="changes to the checkpoint's data config, e.g. data.source=npz",
+    )
+    parser.add_argument(
+        "--data",
+        type=os.path.expanduser,
+        help="data path (sets data.path; the source comes from the checkpoint config)",
+    )
     parser.add_argument("--split", default="train", choices=("train", "test"), help="dataset split (default train)")
-    parser.add_argument("--no-ema", action="store_true",
-                        help="use the raw weights instead of the EMA weights (.pt checkpoints only)")
+    parser.add_argument(
+        "--no-ema", action="store_true", help="use the raw weights instead of the EMA weights (.pt checkpoints only)"
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     parser.add_argument("--seed", type=int, default=0, help="seed of images, timesteps and noise")
     parser.add_argument("--out", type=os.path.expanduser, help="output folder (default: next to the checkpoint)")
@@ -50,8 +58,10 @@ def with_data_overrides(cfg: Config, data_path: str | None, overrides: list[str]
     """The config with `data.*` overrides and `--data` applied, validated."""
     out = apply_overrides(cfg, list(overrides) + ([f"data.path={data_path}"] if data_path else []), only="data.")
     if data_path and out.data.source == "digits":
-        raise ConfigError("the checkpoint's data.source is digits, which takes no path; "
-                          "add data.source=npz, data.source=folder or data.source=latent")
+        raise ConfigError(
+            "the checkpoint's data.source is digits, which takes no path; "
+            "add data.source=npz, data.source=folder or data.source=latent"
+        )
     return out
 
 
@@ -61,8 +71,10 @@ def load(args: argparse.Namespace) -> Loaded:
     cfg = with_data_overrides(cfg, args.data, args.overrides)
     dataset = build_dataset(cfg.data, split=args.split)
     if tuple(dataset.shape) != (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size):
-        raise ConfigError(f"data items have shape {tuple(dataset.shape)} but the model takes "
-                          f"{(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)}")
+        raise ConfigError(
+            f"data items have shape {tuple(dataset.shape)} but the model takes "
+            f"{(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)}"
+        )
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
     return Loaded(model, cfg, schedule, dataset, device)
 

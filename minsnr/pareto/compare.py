@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,20 +12,22 @@ from numpy.typing import ArrayLike, NDArray
 from torch import Tensor, nn
 
 from minsnr.gram import Range, gram_matrix, make_task_batch
-from minsnr.solvers import Solution, frank_wolfe, objective, ugd
 from minsnr.schedule import Schedule
+from minsnr.solvers import Solution, frank_wolfe, objective, ugd
 from minsnr.weighting import STRATEGIES, x0_weight
 
 # The fixed weightings of figure 4 with the paper's gammas (section 3.4; the registry's defaults): name ->
 # (strategy, gamma). `plain` is left out: its x0-space weight depends on the target, figure 4's does not.
 FIGURE4: dict[str, tuple[str, float | None]] = {
-    name: (name, default_gamma) for name, (_, default_gamma) in STRATEGIES.items() if name != "plain"}
+    name: (name, default_gamma) for name, (_, default_gamma) in STRATEGIES.items() if name != "plain"
+}
 
 ImageSampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor | None]]
 
 
-def fixed_weights(schedule: Schedule, ranges: list[Range], strategy: str,
-                  gamma: float | None = None) -> NDArray[np.float64]:
+def fixed_weights(
+    schedule: Schedule, ranges: list[Range], strategy: str, gamma: float | None = None
+) -> NDArray[np.float64]:
     """Task weights of a fixed strategy: its x0-space weight (section 3.4) averaged over each task's
     timestep range, normalised to sum to 1."""
     snr = schedule.snr(torch.arange(schedule.num_timesteps, device=schedule.alphas_cumprod.device)).cpu().double()
@@ -34,8 +37,12 @@ def fixed_weights(schedule: Schedule, ranges: list[Range], strategy: str,
 
 
 def _entry(sol: Solution) -> dict[str, Any]:
-    return {"weights": sol.weights.tolist(), "objective": sol.objective, "iterations": sol.iterations,
-            "converged": sol.converged}
+    return {
+        "weights": sol.weights.tolist(),
+        "objective": sol.objective,
+        "iterations": sol.iterations,
+        "converged": sol.converged,
+    }
 
 
 def compare(gram: ArrayLike, schedule: Schedule, ranges: list[Range], lam: float = 0.0) -> dict[str, dict[str, Any]]:
@@ -66,9 +73,21 @@ def negative_cosine_fraction(gram: ArrayLike) -> float:
     return float((cos[np.triu_indices(k, 1)] < 0).mean())
 
 
-def instability(model: nn.Module, draw: ImageSampler, schedule: Schedule, target: str, ranges: list[Range], *,
-                sizes: list[int], repeats: int, lam: float = 0.0, relative_lambda: bool = False, seed: int = 0,
-                block: int | None = None, micro_batch: int | None = None) -> list[dict[str, Any]]:
+def instability(
+    model: nn.Module,
+    draw: ImageSampler,
+    schedule: Schedule,
+    target: str,
+    ranges: list[Range],
+    *,
+    sizes: list[int],
+    repeats: int,
+    lam: float = 0.0,
+    relative_lambda: bool = False,
+    seed: int = 0,
+    block: int | None = None,
+    micro_batch: int | None = None,
+) -> list[dict[str, Any]]:
     """Figure 3: UGD weights from n fresh images per task (n in `sizes`), `repeats` times each.
 
     `draw(m, generator)` returns m images [m, C, H, W] and labels (or None). The spread of a size is the
@@ -87,6 +106,13 @@ def instability(model: nn.Module, draw: ImageSampler, schedule: Schedule, target
             scale = float(gram.diagonal().mean()) if relative_lambda else 1.0
             weights.append(ugd(gram.numpy(), lam * scale).weights)
         w = np.stack(weights)
-        out.append({"samples_per_task": n, "weights": w.tolist(), "mean": w.mean(0).tolist(),
-                    "std": w.std(0).tolist(), "spread": float(w.std(0).mean())})
+        out.append(
+            {
+                "samples_per_task": n,
+                "weights": w.tolist(),
+                "mean": w.mean(0).tolist(),
+                "std": w.std(0).tolist(),
+                "spread": float(w.std(0).mean()),
+            }
+        )
     return out

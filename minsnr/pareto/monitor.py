@@ -3,26 +3,36 @@ the UGD optimum, and the share of conflicting task-gradient pairs, on a small fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from minsnr.config import Config
 from minsnr.adaptive import PARETO_IMAGES, PARETO_LAMBDA, PARETO_TASKS, probe_images
-from minsnr.pareto.compare import fixed_weights, negative_cosine_fraction
+from minsnr.config import Config
 from minsnr.gram import gram_matrix, make_task_batch
-from minsnr.solvers import objective, ugd
+from minsnr.pareto.compare import fixed_weights, negative_cosine_fraction
 from minsnr.schedule import Schedule
-from minsnr.weighting import ADAPTIVE
+from minsnr.solvers import objective, ugd
 from minsnr.timesteps import bins
+from minsnr.weighting import ADAPTIVE
 
 if TYPE_CHECKING:
     from minsnr.train import HookContext
 
 
-def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule: Schedule, cfg: Config, *,
-                   num_tasks: int = PARETO_TASKS, lam: float = PARETO_LAMBDA, seed: int = 0) -> dict[str, float]:
+def pareto_metrics(
+    model: nn.Module,
+    x0: Tensor,
+    labels: Tensor | None,
+    schedule: Schedule,
+    cfg: Config,
+    *,
+    num_tasks: int = PARETO_TASKS,
+    lam: float = PARETO_LAMBDA,
+    seed: int = 0,
+) -> dict[str, float]:
     """Metrics for one monitor step; call every `train.pareto_every` steps with the same x0 and labels.
 
     `model` is the raw module (not DDP- or compile-wrapped). Timesteps and noise come from `seed`, so
@@ -42,18 +52,20 @@ def pareto_metrics(model: nn.Module, x0: Tensor, labels: Tensor | None, schedule
     return out
 
 
-def make_pareto_hook(cfg: Config, *, images: int = PARETO_IMAGES, num_tasks: int = PARETO_TASKS,
-                     lam: float = PARETO_LAMBDA) -> Callable[["HookContext"], dict[str, float]]:
+def make_pareto_hook(
+    cfg: Config, *, images: int = PARETO_IMAGES, num_tasks: int = PARETO_TASKS, lam: float = PARETO_LAMBDA
+) -> Callable[[HookContext], dict[str, float]]:
     """The trainer's `train.pareto_every` hook: `pareto_metrics` of the training weights (ctx.model) on
     `images` un-augmented training images chosen once by train.seed."""
     fixed: list[tuple[Tensor, Tensor | None]] = []
 
-    def hook(ctx: "HookContext") -> dict[str, float]:
+    def hook(ctx: HookContext) -> dict[str, float]:
         if not fixed:
             x, labels = probe_images(ctx.dataset, ctx.model, cfg.train.seed, images)  # as `pareto` weighting's
             fixed.append((x.to(ctx.device), None if labels is None else labels.to(ctx.device)))
         x0, labels = fixed[0]
-        return pareto_metrics(ctx.model, x0, labels, ctx.schedule, cfg, num_tasks=num_tasks, lam=lam,
-                              seed=cfg.train.seed)
+        return pareto_metrics(
+            ctx.model, x0, labels, ctx.schedule, cfg, num_tasks=num_tasks, lam=lam, seed=cfg.train.seed
+        )
 
     return hook

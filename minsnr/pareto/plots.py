@@ -18,8 +18,14 @@ from minsnr.gram import Range  # noqa: E402
 from minsnr.weighting import STRATEGIES  # noqa: E402
 
 # Display names in the paper's spelling, with the default gamma (Max-SNR-1, Min-SNR-5, ...).
-LABELS = {**{name: name.replace("_", "-").title().replace("Snr", "SNR") + ("" if g is None else f"-{g:g}")
-             for name, (_, g) in STRATEGIES.items()}, "ugd": "UGD", "frank_wolfe": "Frank-Wolfe"}
+LABELS = {
+    **{
+        name: name.replace("_", "-").title().replace("Snr", "SNR") + ("" if g is None else f"-{g:g}")
+        for name, (_, g) in STRATEGIES.items()
+    },
+    "ugd": "UGD",
+    "frank_wolfe": "Frank-Wolfe",
+}
 
 
 def _range_labels(ranges: list[Range]) -> list[str]:
@@ -31,8 +37,9 @@ def plot_objectives(results: dict[str, dict[str, Any]], ranges: list[Range], pat
     names = list(results)
     values = np.array([results[n]["objective"] for n in names])
     fig, (ax, ax_w) = plt.subplots(1, 2, figsize=(12, 4.2))
-    colors = ["tab:red" if n == "min_snr" else "tab:green" if n in ("ugd", "frank_wolfe") else "tab:blue"
-              for n in names]
+    colors = [
+        "tab:red" if n == "min_snr" else "tab:green" if n in ("ugd", "frank_wolfe") else "tab:blue" for n in names
+    ]
     ax.bar([LABELS.get(n, n) for n in names], values, color=colors)
     ax.set_ylabel("objective of eq. 11 (lower is better)")
     ax.tick_params(axis="x", rotation=30)
@@ -52,8 +59,17 @@ def plot_objectives(results: dict[str, dict[str, Any]], ranges: list[Range], pat
     plt.close(fig)
 
 
-def plot_matrix(matrix: ArrayLike, rows: list[str], cols: list[str], path: Path, *, title: str, label: str,
-                limit: float | None = None, annotate: bool = False) -> None:
+def plot_matrix(
+    matrix: ArrayLike,
+    rows: list[str],
+    cols: list[str],
+    path: Path,
+    *,
+    title: str,
+    label: str,
+    limit: float | None = None,
+    annotate: bool = False,
+) -> None:
     """Heat map on a diverging scale centred at 0 (negative cells blue)."""
     m = np.asarray(matrix, dtype=np.float64)
     lim = limit if limit is not None else max(float(np.abs(m).max()), 1e-12)
@@ -73,8 +89,15 @@ def plot_matrix(matrix: ArrayLike, rows: list[str], cols: list[str], path: Path,
 
 def plot_cosines(cos: ArrayLike, ranges: list[Range], path: Path) -> None:
     labels = _range_labels(ranges)
-    plot_matrix(cos, labels, labels, path, title="cosine between task gradients (negative = conflict)",
-                label="cosine", limit=1.0)
+    plot_matrix(
+        cos,
+        labels,
+        labels,
+        path,
+        title="cosine between task gradients (negative = conflict)",
+        label="cosine",
+        limit=1.0,
+    )
 
 
 def plot_instability(entries: list[dict[str, Any]], ranges: list[Range], path: Path) -> None:
