@@ -127,3 +127,14 @@ def test_spec_name_keeps_gamma_and_timesteps_apart():
     assert (
         RunSpec("eps", "min_snr", 3.0, explicit_gamma=True, timesteps="importance").name == "eps_min_snr_g3@importance"
     )
+
+
+def test_a_summary_cell_says_what_it_is():
+    def level(geomean, low, high, bounds, verdict="faster"):
+        return {"geomean": geomean, "low": low, "high": high, "bounds": bounds, "verdict": verdict}
+
+    assert report.cell(level(1.62, 1.31, 2.01, [None] * 3)) == "1.62x [1.31, 2.01]"
+    assert report.cell(level(1.5, None, None, [">="], "one seed")) == ">=1.50x"
+    # every seed censored at the same bound: no interval to show, and not informative
+    assert report.cell(level(1.0, 1.0, 1.0, ["<"] * 3, "within noise")) == "~<1.00x"
+    assert report.cell(level(0.9, 0.7, 1.2, ["<", None, None], "within noise")) == "~0.90x [0.70, 1.20]"

@@ -55,8 +55,10 @@ def draw(result: dict[str, Any], path: Path) -> None:
     palette = plt.get_cmap("tab20").colors if len(weightings) > 10 else [f"C{i}" for i in range(10)]
     color = {w: palette[i % len(palette)] for i, w in enumerate(weightings)}
     raced = [r for r in runs if r.get("race")]
-    fig = plt.figure(figsize=(max(11.0, 4.6 * len(targets)), 8.2 + 0.12 * len(raced)))
-    grid = fig.add_gridspec(2, 2 * len(targets), height_ratios=[1, 1 + 0.04 * len(raced)])
+    most = max(sum(r["target"] == t for r in runs) for t in targets)
+    legend = 0.13 * most if most > 4 else 0.0  # inches of legend under each top panel
+    fig = plt.figure(figsize=(max(11.0, 4.6 * len(targets)), 8.2 + 0.12 * len(raced) + legend), layout="constrained")
+    grid = fig.add_gridspec(2, 2 * len(targets), height_ratios=[1 + legend / 4, 1 + 0.04 * len(raced)])
     for k, target in enumerate(targets):
         ax = fig.add_subplot(grid[0, 2 * k : 2 * k + 2])
         panel = [r for r in runs if r["target"] == target and any(s["steps"] for s in r["seeds"])]
@@ -77,12 +79,14 @@ def draw(result: dict[str, Any], path: Path) -> None:
         if values:
             if max(values) > 5 * min(values) > 0:
                 ax.set_yscale("log")
-            ax.legend(fontsize=7.5 if len(panel) <= 6 else 6)
+            if len(panel) <= 4:
+                ax.legend(fontsize=7.5)
+            else:  # many runs: below the panel, where it hides no curve
+                ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     half = len(targets)
     _forest(fig.add_subplot(grid[1, :half]), raced)
     _bin_panel(fig.add_subplot(grid[1, half:]), [r for r in runs if any(s["bin_mse"] for s in r["seeds"])])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -129,6 +133,14 @@ def _forest(ax: Any, raced: list[dict[str, Any]]) -> None:
                 ax.plot(lv["speedups"], [y] * len(lv["speedups"]), "|", color=c)
     ax.axvline(1.0, color="gray", linewidth=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    lo, hi = ax.get_xlim()
+    ticks = [v for v in (0.125, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 8) if lo <= v <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(len(raced)), [r["name"] for r in raced], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("speed-up (x, log scale; > 1: faster than the reference)")

@@ -144,11 +144,11 @@ def _final(r: dict[str, Any]) -> str:
 
 def cell(level: dict[str, Any]) -> str:
     """One level's summary: '1.62x [1.31, 2.01]'; '~' in front when within noise, '>=' or '<' when every
-    seed gave that bound."""
+    seed gave that bound; no interval where there is none (one seed) or it has no width (equal values)."""
     mark = "~" if level["verdict"] == "within noise" else ""
     kinds = set(level["bounds"])
     bound = kinds.pop() or "" if len(kinds) == 1 else ""  # every seed the same kind of bound: say so
-    if level["low"] is None:
+    if level["low"] is None or _x(level["low"]) == _x(level["high"]):  # one seed, or every seed the same value
         return f"{mark}{bound}{_x(level['geomean'])}x"
     return f"{mark}{bound}{_x(level['geomean'])}x [{_x(level['low'])}, {_x(level['high'])}]"
 
