@@ -8,3 +8,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def torchrun(*minsnr_args: str, ranks: int = 2, cwd: object = None, timeout: float = 300):
+    """`python -m torch.distributed.run --nproc_per_node RANKS -m minsnr ARGS` on a free local port (so parallel
+    test runs do not collide), one OpenMP thread per rank; returns the CompletedProcess."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = cwd or Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [*cmd, "-m", "minsnr", *minsnr_args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torchrun
 from torch import nn
 
 from minsnr.checkpoint import load_model
@@ -151,17 +149,7 @@ def test_unconditional_model_writes_no_labels(tmp_path):
 
 def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path):
     run(ckpt, tmp_path / "one.npz", "--seed", "7")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "minsnr",
+    res = torchrun(
         "sample",
         str(ckpt),
         "--num-images",
@@ -176,8 +164,7 @@ def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path):
         "1.5",
         "--seed",
         "7",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert all(np.array_equal(u, v) for u, v in zip(load(tmp_path / "one.npz"), load(tmp_path / "two.npz")))
 

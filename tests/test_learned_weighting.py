@@ -207,34 +207,12 @@ def test_resuming_with_another_weighting_is_refused(tmp_path):
 
 def test_torchrun_two_ranks_train_u_like_one(tmp_path):
     """u(t) lives outside DDP; its gradients are averaged by hand, so two ranks of 8 match one of 16."""
-    import os
-    import socket
-    import subprocess
-
+    from conftest import torchrun
     from test_train import TINY
 
     common = [*TINY, "train.steps=4", "checkpoint.every=4", "data.num_workers=0", "loss.weighting=learned"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "minsnr",
-        "train",
-        str(ROOT / "configs" / "quickstart.yaml"),
-        *common,
-        "train.batch_size=8",
-        f"run_dir={tmp_path / 'ddp'}",
-    ]
-    res = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    res = torchrun(
+        "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8", f"run_dir={tmp_path / 'ddp'}"
     )
     assert res.returncode == 0, res.stderr[-3000:]
     train(

@@ -1,9 +1,7 @@
 """The training loop: exact resume, kill -9, NaN stop, config errors, DDP equivalence."""
 
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 import minsnr.train as train_mod
 from minsnr.checkpoint import load_checkpoint
@@ -179,27 +178,9 @@ def test_wrong_model_for_checkpoint(tmp_path):
 
 def test_torchrun_two_ranks_match_one(tmp_path):
     common = [*TINY, "train.steps=4", "checkpoint.every=4", "data.num_workers=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "minsnr",
-        "train",
-        str(ROOT / "configs" / "quickstart.yaml"),
-        *common,
-        "train.batch_size=8",
-        f"run_dir={tmp_path / 'ddp'}",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = torchrun(
+        "train", str(ROOT / "configs" / "quickstart.yaml"), *common, "train.batch_size=8", f"run_dir={tmp_path / 'ddp'}"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     train(
         load_config(
