@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minsnr.compare import report
+from minsnr.compare import report, verdict
 from minsnr.compare.presets import RunSpec, Settings, run_config, run_folder, run_matrix, seed_values
 from minsnr.compare.worker import STATUS
 from minsnr.config import PACKAGED_CONFIGS, ConfigError, load_config
@@ -133,8 +133,8 @@ def test_a_summary_cell_says_what_it_is():
     def level(geomean, low, high, bounds, verdict="faster"):
         return {"geomean": geomean, "low": low, "high": high, "bounds": bounds, "verdict": verdict}
 
-    assert report.cell(level(1.62, 1.31, 2.01, [None] * 3)) == "1.62x [1.31, 2.01]"
-    assert report.cell(level(1.5, None, None, [">="], "one seed")) == ">=1.50x"
+    assert verdict.summary_text(level(1.62, 1.31, 2.01, [None] * 3)) == "1.62x [1.31, 2.01]"
+    assert verdict.summary_text(level(1.5, None, None, [">="], "one seed")) == ">=1.50x"
     # every seed censored at the same bound: no interval to show, and not informative
-    assert report.cell(level(1.0, 1.0, 1.0, ["<"] * 3, "within noise")) == "~<1.00x"
-    assert report.cell(level(0.9, 0.7, 1.2, ["<", None, None], "within noise")) == "~0.90x [0.70, 1.20]"
+    assert verdict.summary_text(level(1.0, 1.0, 1.0, ["<"] * 3, "within noise")) == "~<1.00x"
+    assert verdict.summary_text(level(0.9, 0.7, 1.2, ["<", None, None], "within noise")) == "~0.90x [0.70, 1.20]"

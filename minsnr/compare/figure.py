@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from minsnr.compare.verdict import summary_text
+
 # the reference's quality levels, in grays (the runs have the colours): label, colour, marker
 LEVEL_STYLE = {"quarter": ("1/4", "0.65", "^"), "half": ("1/2", "0.4", "s"), "end": ("end", "0.0", "o")}
 
@@ -38,9 +40,7 @@ def _label(r: dict[str, Any]) -> str:
     race = r.get("race")
     if not race or not race["headline"]["level"]:
         return w + (f": {race['headline']['verdict']}" if race else "")
-    level = race["levels"][race["headline"]["level"]]
-    interval = f" [{level['low']:.2f}, {level['high']:.2f}]" if level["low"] is not None else ""
-    return f"{w} {level['geomean']:.2f}x{interval} {race['headline']['verdict']}"
+    return f"{w} {summary_text(race['levels'][race['headline']['level']])} {race['headline']['verdict']}"
 
 
 def draw(result: dict[str, Any], path: Path) -> None:
@@ -131,6 +131,16 @@ def _forest(ax: Any, raced: list[dict[str, Any]]) -> None:
             )
             if lv["low"] is None:  # one seed: its single reading
                 ax.plot(lv["speedups"], [y] * len(lv["speedups"]), "|", color=c)
+            kinds = set(lv["bounds"])
+            if len(kinds) == 1 and None not in kinds:  # every seed a bound: say which way the truth lies
+                ax.annotate(
+                    "<" if kinds == {"<"} else ">",
+                    (lv["geomean"], y),
+                    textcoords="offset points",
+                    xytext=(-12 if kinds == {"<"} else 6, -4),
+                    color=c,
+                    fontsize=9,
+                )
     ax.axvline(1.0, color="gray", linewidth=0.8)
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator

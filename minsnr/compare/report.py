@@ -142,21 +142,6 @@ def _final(r: dict[str, Any]) -> str:
     return f"{mean:.4g}" if len(ends) == 1 else f"{mean:.4g} ({min(ends):.3g}-{max(ends):.3g})"
 
 
-def cell(level: dict[str, Any]) -> str:
-    """One level's summary: '1.62x [1.31, 2.01]'; '~' in front when within noise, '>=' or '<' when every
-    seed gave that bound; no interval where there is none (one seed) or it has no width (equal values)."""
-    mark = "~" if level["verdict"] == "within noise" else ""
-    kinds = set(level["bounds"])
-    bound = kinds.pop() or "" if len(kinds) == 1 else ""  # every seed the same kind of bound: say so
-    if level["low"] is None or _x(level["low"]) == _x(level["high"]):  # one seed, or every seed the same value
-        return f"{mark}{bound}{_x(level['geomean'])}x"
-    return f"{mark}{bound}{_x(level['geomean'])}x [{_x(level['low'])}, {_x(level['high'])}]"
-
-
-def _x(v: float) -> str:
-    return f"{v:.2f}" if v < 100 else f"{v:.3g}"
-
-
 def _reference_cell(ref: dict[str, Any], runs: list[dict[str, Any]], name: str) -> str:
     """The reference's own level: its mean score there and the mean step at which it reaches it."""
     race = next((r["race"] for r in runs if r.get("versus") == ref["name"] and r["race"]), None)
@@ -218,7 +203,7 @@ def table(result: dict[str, Any]) -> str:
             cells = [_reference_cell(r, runs, lv) for lv in verdict.LEVELS]
             last = "reference"
         elif r["race"]:
-            cells = [cell(r["race"]["levels"][lv]) for lv in verdict.LEVELS]
+            cells = [verdict.summary_text(r["race"]["levels"][lv]) for lv in verdict.LEVELS]
             h = r["race"]["headline"]
             said = "one seed: no verdict (--seeds 3)" if h["verdict"] == "one seed" else h["verdict"]
             last = said + (f" (at {LEVEL_LABELS[h['level']][3:]})" if h["level"] else "")

@@ -13,9 +13,9 @@ Levels. The speed-up is read at three quality levels of the reference's smoothed
 it at a target FID: its score at a quarter, at half and at the end of its run. At each level
     speed-up = step at which the reference's smoothed curve reaches the level
                / step at which the run's smoothed curve reaches it        (linear between evaluations).
-A level is *not informative* in a seed when it lies within the noise of the curves' plateau (less than
-2 noise above the lower of the two curves' ends, in log score; noise: `plateau_noise`), or when the
-reference reaches it before its second evaluation. A run that reaches a level before its second
+A level is *not informative* in a seed when the run's smoothed curve ends within 2 noise of it (in log
+score; noise: `plateau_noise`), so that noise decides whether and when the run gets there (both curves
+on one plateau), or when the reference reaches it before its second evaluation. A run that reaches a level before its second
 evaluation gives only a lower bound (reference step / second evaluation step: "use a smaller
 --eval-every"); a run that never reaches it (or diverged) is censored and gives only an upper bound
 (reference step / its last evaluation step, or the planned steps when it diverged). Either bound lies
@@ -25,7 +25,8 @@ toward "no clear difference".
 Verdict. Per level, over the seeds (each seed's run against the same seed's reference: paired): the
 geometric mean of the speed-ups and a 95% t-interval on the mean log speed-up (scipy.stats.t; with few
 seeds the t quantile is wide on purpose: 12.7 at 2 seeds, 4.3 at 3, 2.8 at 5). `faster` when the whole
-interval is above 1, `slower` when it is below 1, else `no clear difference`; a level that is not
+interval is above 1, `slower` when it is below 1 or when the run never reaches the level in any seed
+(each seed's speed-up is then below 1 for certain), else `no clear difference`; a level that is not
 informative in every seed gives `within noise`, one seed gives no verdict. The headline verdict of a run
 is the one at the deepest level informative in every seed (end, else half, else quarter).
 """
@@ -43,7 +44,7 @@ from minsnr.evaluate.plots import first_reach  # first step at or below a level,
 
 LEVELS = {"quarter": 0.25, "half": 0.5, "end": 1.0}  # fraction of the reference's run
 DEEPEST_FIRST = ("end", "half", "quarter")
-NOISE_MARGIN = 2.0  # a level must lie this many plateau-noise units above the lower curve end
+NOISE_MARGIN = 2.0  # a level must lie this many plateau-noise units away from the run's smoothed end
 CONFIDENCE = 0.95
 
 
@@ -93,7 +94,6 @@ def readings(
         return {}
     ref_s = smooth(np.log(rv))
     run_s = smooth(np.log(uv)) if len(uv) else np.zeros(0)
-    floor = min(ref_s[-1], run_s[-1]) if len(run_s) else ref_s[-1]
     out = {}
     for name, frac in LEVELS.items():
         level = float(np.interp(frac * rs[-1], rs, ref_s))
@@ -103,8 +103,8 @@ def readings(
         why = ""
         if len(rs) < 2 or ref_step < rs[1]:
             why = "the reference reaches it before its second evaluation"
-        elif level - floor < NOISE_MARGIN * noise:
-            why = f"within {NOISE_MARGIN:g} noise of the curves' plateau"
+        elif len(run_s) and abs(level - run_s[-1]) < NOISE_MARGIN * noise:
+            why = f"the run ends within {NOISE_MARGIN:g} noise of it"
         step = first_reach(us, run_s, level) if len(us) else None
         if step is None:
             last = planned_steps if run_diverged or not len(us) else us[-1]
@@ -147,13 +147,28 @@ def summarize(per_seed: list[Reading]) -> Summary:
         verdict = "one seed"
     elif low > 1:  # type: ignore[operator]
         verdict = "faster"
-    elif high < 1:  # type: ignore[operator]
+    elif high < 1 or all(r.bound == "<" for r in per_seed):  # type: ignore[operator]
         verdict = "slower"
     else:
         verdict = "no clear difference"
     return Summary(
         [float(v) for v in np.exp(x)], [r.bound for r in per_seed], float(np.exp(mean)), low, high, informative, verdict
     )
+
+
+def summary_text(level: dict[str, Any]) -> str:
+    """One level's summary: '1.62x [1.31, 2.01]'; '~' in front when within noise, '>=' or '<' when every
+    seed gave that bound; no interval where there is none (one seed) or it has no width (equal values)."""
+    mark = "~" if level["verdict"] == "within noise" else ""
+    kinds = set(level["bounds"])
+    bound = kinds.pop() or "" if len(kinds) == 1 else ""  # every seed the same kind of bound: say so
+    if level["low"] is None or _x(level["low"]) == _x(level["high"]):  # one seed, or every seed the same value
+        return f"{mark}{bound}{_x(level['geomean'])}x"
+    return f"{mark}{bound}{_x(level['geomean'])}x [{_x(level['low'])}, {_x(level['high'])}]"
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}" if v < 100 else f"{v:.3g}"
 
 
 def headline(levels: dict[str, Summary]) -> tuple[str | None, str]:
