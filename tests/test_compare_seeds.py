@@ -157,3 +157,17 @@ def test_settings_default_to_one_seed_for_a_new_comparison():
 
     assert seed_count(Settings(), None) == 1 and seed_count(Settings(), {"seeds": 3}) == 3
     assert seed_count(Settings(seeds=2), {"seeds": 3}) == 2
+
+
+def test_few_evaluations_are_named_and_their_noise_still_estimated():
+    from minsnr.compare import verdict
+
+    steps = [100.0, 200.0, 300.0]
+    found = warnings(
+        {}, [{"name": "x0_min_snr", "seeds": [{"seed": 0, "steps": steps, "values": [3.0, 2.0, 1.5]}]}], 300
+    )
+    assert any("only 3 evaluations per run" in w and "--eval-every" in w for w in found)
+    # three evaluations: the whole curve's second difference (the half alone has too few)
+    y = np.log([3.0, 2.0, 1.5])
+    assert verdict.plateau_noise([y]) == pytest.approx(abs(y[0] - 2 * y[1] + y[2]) / np.sqrt(6))
+    assert verdict.plateau_noise([y[:2]]) == 0.0

@@ -29,6 +29,7 @@ NOISE_SEEDS = 3  # extra evaluations of the same checkpoint
 FEW_CLASSES = 5
 LOW_ACCURACY = 0.9
 NOISY = 0.2  # sd of the log score
+FEW_EVALUATIONS = 8  # per run: fewer make smoothed readings and the noise estimate coarse
 
 
 def _scorer(cfg: Config, metric: str, classifier: str | None, cache: Path, device: Any) -> Any:
@@ -107,6 +108,12 @@ def classifier_meta(classifier: str | None) -> dict[str, Any] | None:
 def warnings(sanity: dict[str, Any], runs: list[dict[str, Any]], steps: int) -> list[str]:
     """Lines that say why a verdict on this score may mislead. `runs`: report runs (per-seed curves)."""
     out = []
+    evaluations = max((len(s["steps"]) for r in runs for s in r["seeds"]), default=0)
+    if 0 < evaluations < FEW_EVALUATIONS:
+        out.append(
+            f"only {evaluations} evaluations per run: early crossings are bounds and the curves' noise "
+            f"cannot be told from their trend; use a smaller --eval-every ({FEW_EVALUATIONS} or more)"
+        )
     clf = sanity.get("classifier")
     if clf:
         if clf.get("num_classes") is not None and clf["num_classes"] < FEW_CLASSES:

@@ -59,10 +59,11 @@ def smooth(values: np.ndarray) -> np.ndarray:
 
 
 def plateau_noise(curves: list[np.ndarray]) -> float:
-    """Per-evaluation noise (standard deviation, log score) of the curves' second halves, pooled: the
-    second-difference estimator of Gasser, Sroka & Jennen-Steinmetz (1986), which a locally linear trend
-    does not inflate: sigma^2 = mean((y[i-1] - 2 y[i] + y[i+1])^2) / 6."""
-    diffs = [np.diff(c[len(c) // 2 - 1 :], 2) for c in curves if len(c) // 2 + 1 >= 3]
+    """Per-evaluation noise (standard deviation, log score) of the curves' second halves (whole curves
+    when a half has fewer than 3 evaluations), pooled: the second-difference estimator of Gasser, Sroka &
+    Jennen-Steinmetz (1986), which a locally linear trend does not inflate:
+    sigma^2 = mean((y[i-1] - 2 y[i] + y[i+1])^2) / 6. 0 when no curve has 3 evaluations."""
+    diffs = [np.diff(c[len(c) // 2 - 1 :] if len(c) // 2 + 1 >= 3 else c, 2) for c in curves if len(c) >= 3]
     d = np.concatenate(diffs) if diffs else np.zeros(0)
     return float(np.sqrt(np.mean(d**2) / 6)) if len(d) else 0.0
 
