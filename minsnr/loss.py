@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from minsnr.adaptive import LearnedWeight, ParetoWeight, make_adaptive
 from minsnr.objective import make_target, predict_x0, q_sample
-from minsnr.registry import check, lookup
+from minsnr.registry import check
 from minsnr.schedule import Schedule
-from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, Distribution, Timesteps, make_timesteps
+from minsnr.timesteps import DEFAULT_TIMESTEPS, Distribution, Timesteps, make_timesteps
 from minsnr.weighting import ADAPTIVE, DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, Strategy, loss_weight
 
 Model = nn.Module | Callable[..., Tensor]  # model(x_t, t, labels) -> prediction of the target
@@ -192,8 +192,6 @@ def diffusion_loss(
     built Timesteps (with importance sampling the weight is divided by T p(t), also for a given t). A
     stateful weighting (`learned`, `pareto`) needs its state as `adaptive` (minsnr.adaptive.make_adaptive).
     For many batches build the TrainingLoss once: it computes every timestep's weight at construction."""
-    if isinstance(timesteps, str):
-        lookup(TIMESTEPS, timesteps, "loss.timesteps")
     loss = TrainingLoss(
         schedule, target=target, weighting=weighting, gamma=gamma, timesteps=timesteps, adaptive=adaptive
     )

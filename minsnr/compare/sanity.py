@@ -16,7 +16,6 @@ after 3,000).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,21 @@ NOISY = 0.2  # sd of the log score
 FEW_EVALUATIONS = 8  # per run: fewer make smoothed readings and the noise estimate coarse
 
 
-def _scorer(cfg: Config, metric: str, classifier: str | None, cache: Path, device: Any) -> Any:
-    """model -> score, the way a run's evaluation hook scores it."""
+def _scorers(cfg: Config, metric: str, classifier: str | None, cache: Path, device: Any) -> tuple[Any, Any]:
+    """((model, seed) -> score, the way a run's evaluation hook scores it; (images, labels) -> score, or None
+    for bits/dim, which scores models only)."""
     from minsnr.data import build_dataset
     from minsnr.evaluate.periodic import draw_samples, make_bpd_scorer, make_scorer
 
     if metric == "bpd":
         bpd = make_bpd_scorer(cfg, device)
-        return lambda model, c=cfg: (bpd(model) if c is cfg else make_bpd_scorer(c, device)(model))["bpd"]
+        return lambda model, seed: bpd(model, seed)["bpd"], None
     score = make_scorer(classifier if metric == "fid_cls" else None, build_dataset(cfg.data), cache, cfg, device)
-    return lambda model, c=cfg: score(*draw_samples(model, c, c.log.eval_num, device, c.train.batch_size))[metric]
+    n, batch = cfg.log.eval_num, cfg.train.batch_size
+    return (
+        lambda model, seed: score(*draw_samples(model, cfg, n, device, batch, seed))[metric],
+        lambda images, labels: score(images, labels)[metric],
+    )
 
 
 def bounds(cfg: Config, metric: str, classifier: str | None, run_dir: Path, device: Any) -> dict[str, Any]:
@@ -49,29 +53,24 @@ def bounds(cfg: Config, metric: str, classifier: str | None, run_dir: Path, devi
     import torch
 
     from minsnr.config import with_model_args
-    from minsnr.data import build_dataset
     from minsnr.evaluate.images import to_uint8
     from minsnr.evaluate.likelihood import held_out_images
-    from minsnr.evaluate.periodic import make_scorer
     from minsnr.models import build_model
 
     cfg = with_model_args(cfg)
-    score = _scorer(cfg, metric, classifier, run_dir / "sanity", device)
+    score_model, score_images = _scorers(cfg, metric, classifier, run_dir / "sanity", device)
     torch.manual_seed(cfg.train.seed)  # the initial weights of seed 0's runs (minsnr.train.Trainer)
     untrained = build_model(cfg.model).to(device).eval()
-    out: dict[str, Any] = {"ceiling": float(score(untrained)), "floor": None, "floor_split": None}
-    if metric != "bpd":
+    out: dict[str, Any] = {"ceiling": float(score_model(untrained, cfg.train.seed)), "floor": None, "floor_split": None}
+    if score_images is not None:
         x, labels, split = held_out_images(cfg, cfg.log.eval_num)
         if len(x) < cfg.log.eval_num:  # a Frechet distance on fewer images is biased upward: not a floor
             from minsnr.evaluate.losses import held_out
 
             split = f"train: the test split has only {len(x)} of the {cfg.log.eval_num} images an evaluation scores"
             x, labels = held_out(cfg, None, "train", cfg.log.eval_num, 0)
-        real = make_scorer(
-            classifier if metric == "fid_cls" else None, build_dataset(cfg.data), run_dir / "sanity", cfg, device
-        )
         y = None if labels is None else labels.numpy()
-        out["floor"], out["floor_split"] = float(real([to_uint8(x)], y)[metric]), split
+        out["floor"], out["floor_split"] = float(score_images([to_uint8(x)], y)), split
     return out
 
 
@@ -82,12 +81,9 @@ def noise(
     from minsnr.checkpoint import load_model
 
     model, _ = load_model(checkpoint, ema=True, map_location=device)
-    score = _scorer(cfg, metric, classifier, run_dir / "sanity", device)
+    score, _ = _scorers(cfg, metric, classifier, run_dir / "sanity", device)
     seeds = [cfg.train.seed + 1000 + k for k in range(NOISE_SEEDS)]
-    scores = [logged] + [
-        float(score(model.eval(), dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s))))
-        for s in seeds
-    ]
+    scores = [logged] + [float(score(model.eval(), s)) for s in seeds]
     return {
         "checkpoint": str(checkpoint),
         "scores": scores,

@@ -39,15 +39,16 @@ def reference_batches(dataset: Any, batch_size: int, limit: int = MAX_REFERENCE)
 
 
 def draw_samples(
-    model: nn.Module, cfg: Config, num: int, device: torch.device, batch_size: int = 250
+    model: nn.Module, cfg: Config, num: int, device: torch.device, batch_size: int = 250, seed: int | None = None
 ) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """`num` class-balanced samples (uint8 batches) and their labels, from seed cfg.train.seed."""
+    """`num` class-balanced samples (uint8 batches) and their labels, from `seed` (None: cfg.train.seed)."""
+    seed = cfg.train.seed if seed is None else seed
     k = cfg.model.num_classes
-    labels = balanced_labels(num, k, cfg.train.seed) if k > 0 else None
+    labels = balanced_labels(num, k, seed) if k > 0 else None
     batches = []
     for lo in range(0, num, batch_size):
         y = None if labels is None else labels[lo : lo + batch_size]
-        batches.append(sample_images(model, cfg, y, min(batch_size, num - lo), cfg.train.seed, first=lo, device=device))
+        batches.append(sample_images(model, cfg, y, min(batch_size, num - lo), seed, first=lo, device=device))
     return batches, labels
 
 
@@ -81,9 +82,10 @@ def metric_of(cfg: Config) -> str:
     return "fid_cls" if cfg.log.eval_classifier else "fid"
 
 
-def make_bpd_scorer(cfg: Config, device: torch.device) -> Callable[[nn.Module], dict[str, float]]:
-    """EMA model -> {"bpd", "bpd_prior", "bpd_diffusion", "bpd_decoder"} on log.eval_num held-out images (the
-    test split, else training images, said once), the same images, timesteps and noise at every call."""
+def make_bpd_scorer(cfg: Config, device: torch.device) -> Callable[..., dict[str, float]]:
+    """(EMA model, seed=cfg.train.seed) -> {"bpd", "bpd_prior", "bpd_diffusion", "bpd_decoder"} on log.eval_num
+    held-out images (the test split, else training images, said once): the same images at every call, and the
+    same timesteps and noise for the same seed."""
     from minsnr.evaluate.likelihood import bits_per_dim, held_out_images
     from minsnr.schedule import make_schedule
 
@@ -91,8 +93,8 @@ def make_bpd_scorer(cfg: Config, device: torch.device) -> Callable[[nn.Module], 
     if split != "test":
         print(f"bits/dim: data.source={cfg.data.source} has no test split; scoring {len(x)} training images")
     schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
-    return lambda model: bits_per_dim(
-        model, schedule, cfg.loss.target, x, labels, seed=cfg.train.seed, batch_size=cfg.train.batch_size, device=device
+    return lambda model, seed=cfg.train.seed: bits_per_dim(
+        model, schedule, cfg.loss.target, x, labels, seed=seed, batch_size=cfg.train.batch_size, device=device
     )
 
 
