@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses validated by OmegaConf, loaded from YAML with dotted overrides.
+"""Typed run configuration: the dataclasses of minsnr.schema, validated by OmegaConf, loaded from YAML with
+dotted overrides.
 
 Every field has the paper's default where the paper gives one (section 4.1, appendix C). An unknown key
 or a value of the wrong type fails in `load_config` with a message naming it and listing valid keys;
@@ -11,7 +12,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,136 +23,29 @@ from minsnr.data.transforms import CROPS
 from minsnr.distributed import ATTENTION, COMPILE_MODES
 from minsnr.models import MODELS
 from minsnr.registry import did_you_mean
-from minsnr.sampling import DEFAULT_SAMPLER, SAMPLERS
+from minsnr.sampling import SAMPLERS
 from minsnr.schedule import SCHEDULES
-from minsnr.timesteps import DEFAULT_TIMESTEPS, TIMESTEPS, check_weighting
-from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING, TARGETS, WEIGHTINGS
+from minsnr.schema import (
+    DEVICES,
+    EVAL_METRICS,
+    PRECISIONS,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    EMAConfig,
+    LogConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    SampleConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from minsnr.timesteps import TIMESTEPS, check_weighting
+from minsnr.weighting import TARGETS, WEIGHTINGS
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on the CPU
-DEVICES = ("auto", "cpu", "cuda")
-# log.eval_metric: auto = fid_cls with log.eval_classifier, else the Inception fid; bpd = the held-out
-# variational bound in bits per dimension (minsnr.evaluate.likelihood: no labels, classifier or weights needed)
-EVAL_METRICS = ("auto", "fid_cls", "fid", "bpd")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "vit_tiny"  # a key of minsnr.models.MODELS
-    input_size: int = 8  # image (or latent) side length
-    in_channels: int = 1
-    num_classes: int = 10  # 0: unconditional; otherwise one extra embedding row is the null class
-    args: dict[str, Any] = field(default_factory=dict)  # further constructor arguments (patch_size, dropout ...)
-
-
-@dataclass
-class DataConfig:
-    source: str = "digits"  # a key of minsnr.data.SOURCES
-    path: str | None = None  # npz file, image folder or latent folder the user supplies
-    resolution: int | None = None  # output side length; None keeps the stored size
-    crop: str = "none"  # a key of minsnr.data.transforms.CROPS
-    hflip: bool = True
-    conditional: bool = True  # use labels when the data has them
-    num_workers: int = 0
-    max_bad_fraction: float = 0.01  # stop when more than this share of images cannot be read
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "cosine"  # a key of minsnr.schedule.SCHEDULES
-    num_timesteps: int = 1000
-
-
-@dataclass
-class LossConfig:
-    target: str = DEFAULT_TARGET  # one of minsnr.weighting.TARGETS
-    weighting: str = DEFAULT_WEIGHTING  # one of minsnr.weighting.WEIGHTINGS (STRATEGIES, or ADAPTIVE: stateful)
-    gamma: float | None = None  # None: the strategy's default gamma in STRATEGIES
-    timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
-    label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
-    adapt_every: int = 100  # weighting=pareto: steps between updates of the weights (minsnr.adaptive)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.99, 0.99])  # ViT; UNet uses 0.9, 0.999
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up, then constant
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-
-
-@dataclass
-class EMAConfig:
-    decay: float = 0.9999
-    warmup: bool = False  # decay min(decay, (1 + step) / (10 + step))
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 128  # per rank and micro-step; global = batch_size * ranks * grad_accum
-    steps: int = 500_000
-    grad_accum: int = 1
-    precision: str = "auto"  # one of PRECISIONS
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"  # one of DEVICES
-    threads: int = 0  # CPU threads for torch ops; 0: torch's default on the CPU, max(1, min(4, cores // 4)) on CUDA
-    data_on_device: bool | None = None  # keep array data (digits, npz) on the device; null: on CUDA when it fits
-    cuda_graph: bool = True  # replay the whole step as one CUDA graph where it applies (CUDA, 1 process, grad_accum 1)
-    compile_mode: str = "default"  # torch.compile mode when compile=true; a key of minsnr.distributed.COMPILE_MODES
-    attention: str = (
-        "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.distributed.ATTENTION)
-    )
-    pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
-
-
-@dataclass
-class LogConfig:
-    every: int = 100  # metrics to JSONL/TensorBoard every N steps
-    preview_every: int = 5000  # EMA preview grid every N steps; 0 disables
-    tensorboard: bool = True
-    eval_every: int = 0  # periodic fid_cls / FID every N steps; 0 disables
-    eval_num: int = 1000
-    eval_classifier: str | None = None  # classifier checkpoint for fid_cls
-    eval_metric: str = "auto"  # one of EVAL_METRICS
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 5000
-    keep: int = 3  # keep the last K step checkpoints
-
-
-@dataclass
-class SampleConfig:
-    sampler: str = DEFAULT_SAMPLER  # a key of minsnr.sampling.SAMPLERS
-    steps: int = 30
-    cfg_scale: float = 1.0
-    # VE sigma where sampling starts; None: the schedule's largest (sigma_ve_max, 20,291 for cosine),
-    # a larger value is capped there with a warning; EDM uses 80
-    sigma_max: float | None = None
-
-
-@dataclass
-class Config:
-    run_dir: str = "runs/default"
-    resume: str = "auto"  # auto | never | path to a checkpoint
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, found before any training starts."""
 
 
 def _valid_keys(path: str) -> list[str]:
@@ -373,6 +266,19 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
 __all__ = [
     "Config",
     "ConfigError",
+    "CheckpointConfig",
+    "DataConfig",
+    "EMAConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SampleConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "DEVICES",
+    "EVAL_METRICS",
+    "PRECISIONS",
     "load_config",
     "apply_overrides",
     "packaged_configs",

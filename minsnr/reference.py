@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
         ("schedule", "weighting", "timesteps", "objective", "gram", "solvers"),
     ),
     ("parts", "backbones, data sources and loaders, samplers", ("models", "data", "sampling")),
-    ("config", "the typed, validated run configuration", ("config",)),
+    ("config", "the typed, validated run configuration", ("schema", "config")),
     ("loss", "the training loss and the state of the learned and Pareto weightings", ("loss", "adaptive")),
     (
         "run",
