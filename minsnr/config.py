@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from minsnr.coupling import MAX_ASSIGNMENT_BATCH, NOISE_ASSIGNMENTS
 from minsnr.data import SOURCES
 from minsnr.data.transforms import CROPS
 from minsnr.distributed import ATTENTION, COMPILE_MODES
@@ -43,7 +44,7 @@ from minsnr.schema import (
     TrainConfig,
 )
 from minsnr.timesteps import TIMESTEPS, check_weighting
-from minsnr.weighting import TARGETS, WEIGHTINGS
+from minsnr.weighting import STRATEGIES, TARGETS, WEIGHTINGS, check_parameter
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,21 @@ def _merge(base: Any, overrides: list[str], only: str | None) -> Any:
                     dict(base.model.args),
                 )
                 base.model.args = {}  # the file's architecture arguments belong to its own model
+            if (
+                item.startswith("loss.weighting=")
+                and override.loss.weighting != base.loss.weighting
+                and base.loss.gamma is not None
+                and not any(i.startswith("loss.gamma=") for i in overrides)
+            ):
+                log.warning(
+                    "loss.weighting=%s: dropping the config file's loss.gamma=%g (%s's); %s takes its default "
+                    "unless loss.gamma is given",
+                    override.loss.weighting,
+                    base.loss.gamma,
+                    base.loss.weighting,
+                    override.loss.weighting,
+                )
+                base.loss.gamma = None  # the file's parameter belongs to its own weighting
             base = OmegaConf.merge(base, override)
         except OmegaConfBaseException as err:
             raise _explain(err, f"command-line override {item!r}") from None
@@ -181,6 +197,7 @@ def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
         "loss.target": TARGETS,
         "loss.weighting": WEIGHTINGS,
         "loss.timesteps": TIMESTEPS,
+        "loss.noise_assignment": NOISE_ASSIGNMENTS,
         "train.precision": PRECISIONS,
         "train.device": DEVICES,
         "train.compile_mode": COMPILE_MODES,
@@ -191,16 +208,35 @@ def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
 
 
 def validate(cfg: Config) -> None:
+    if "(" in cfg.loss.timesteps:
+        raise ConfigError(
+            f"loss.timesteps={cfg.loss.timesteps!r}: name the distribution there and give its parameters as "
+            "loss.timestep_args, e.g. loss.timesteps=lognormal loss.timestep_args.mean=-0.4 "
+            "loss.timestep_args.std=1.0 (the NAME(a,b) form is for `minsnr compare --weightings`)"
+        )
     for key, valid in choices().items():
         section, name = key.split(".")
         _choice(key, getattr(getattr(cfg, section), name), valid)
     if cfg.sample.sigma_max is not None:
         _positive("sample.sigma_max", cfg.sample.sigma_max)
-    if cfg.loss.gamma is not None:
-        _positive("loss.gamma", cfg.loss.gamma)
+    if cfg.loss.gamma is not None and cfg.loss.weighting in STRATEGIES:
+        try:
+            check_parameter(cfg.loss.weighting, cfg.loss.gamma)
+        except ValueError as err:
+            raise ConfigError(f"loss.gamma={cfg.loss.gamma:g}: {err}") from None
+    try:
+        TIMESTEPS[cfg.loss.timesteps].resolve(cfg.loss.timesteps, cfg.loss.timestep_args)
+    except ValueError as err:
+        raise ConfigError(f"loss.timestep_args={dict(cfg.loss.timestep_args)}: {err}") from None
     if cfg.log.eval_metric == "fid_cls" and not cfg.log.eval_classifier:
         raise ConfigError("log.eval_metric=fid_cls needs log.eval_classifier (a file from `minsnr train-classifier`)")
     _positive("loss.adapt_every", cfg.loss.adapt_every)
+    if cfg.loss.noise_assignment == "immiscible" and cfg.train.batch_size > MAX_ASSIGNMENT_BATCH:
+        raise ConfigError(
+            "loss.noise_assignment=immiscible pairs noise within each batch by a linear assignment (O(B^3)); "
+            f"train.batch_size={cfg.train.batch_size} must be <= {MAX_ASSIGNMENT_BATCH} for it "
+            "(lower train.batch_size and raise train.grad_accum)"
+        )
     try:
         check_weighting(cfg.loss.timesteps, cfg.loss.weighting)
     except ValueError as err:

@@ -14,7 +14,7 @@ apart), and each call gathers it for the batch's timesteps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,7 @@ class TrainingLoss:
         timesteps: str | Distribution | Timesteps = DEFAULT_TIMESTEPS,
         adaptive: Adaptive | None = None,
         adapt_every: int = 100,
+        timestep_args: Mapping[str, float] | None = None,
     ) -> None:
         check(target, TARGETS, "target")
         stateful = isinstance(weighting, str) and weighting in ADAPTIVE
@@ -73,7 +74,7 @@ class TrainingLoss:
         self.timesteps = (
             timesteps
             if isinstance(timesteps, Timesteps)
-            else make_timesteps(timesteps, schedule, weighting, gamma, target)
+            else make_timesteps(timesteps, schedule, weighting, gamma, target, timestep_args)
         )
         base = ADAPTIVE[weighting] if stateful else weighting  # type: ignore[index]
         snr = schedule.snr(torch.arange(schedule.num_timesteps, device=schedule.alphas_cumprod.device))
@@ -81,7 +82,7 @@ class TrainingLoss:
 
     @classmethod
     def from_config(cls, cfg: Any, schedule: Schedule) -> TrainingLoss:
-        """The loss of `cfg.loss` (target, weighting, gamma, timesteps, adapt_every), state on the schedule's device."""
+        """The loss of `cfg.loss` (target, weighting, gamma, timesteps and their args, adapt_every), state on the schedule's device."""
         c = cfg.loss
         return cls(
             schedule,
@@ -91,6 +92,7 @@ class TrainingLoss:
             timesteps=c.timesteps,
             adaptive=make_adaptive(c.weighting, schedule),
             adapt_every=c.adapt_every,
+            timestep_args=c.timestep_args,
         )
 
     def __call__(
@@ -188,8 +190,8 @@ def diffusion_loss(
     """The weighted denoising loss of one batch: `TrainingLoss(schedule, ...)(model, x0, labels, t, noise)`.
 
     `model(x_t, t, labels)` predicts `target`; weighting: a name (min_snr, const, plain, ...) or a callable
-    from SNR to the x0-space weight; timesteps: a key of minsnr.timesteps.TIMESTEPS, a Distribution or a
-    built Timesteps (with importance sampling the weight is divided by T p(t), also for a given t). A
+    from SNR to the x0-space weight; timesteps: a key of minsnr.timesteps.TIMESTEPS, a spec such as
+    'lognormal(-0.4,1)', a Distribution or a built Timesteps (with importance sampling the weight is divided by T p(t), also for a given t). A
     stateful weighting (`learned`, `pareto`) needs its state as `adaptive` (minsnr.adaptive.make_adaptive).
     For many batches build the TrainingLoss once: it computes every timestep's weight at construction."""
     loss = TrainingLoss(

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, str, tuple[str, ...]]] = [
     (
         "math",
         "the paper's equations: schedule, weights, timesteps, targets, Gram matrix and solvers",
-        ("schedule", "weighting", "timesteps", "objective", "gram", "solvers"),
+        ("schedule", "weighting", "timesteps", "objective", "gram", "solvers", "coupling"),
     ),
     ("parts", "backbones, data sources and loaders, samplers", ("models", "data", "sampling")),
     ("config", "the typed, validated run configuration", ("schema", "config")),
@@ -171,9 +171,19 @@ def layer_table(graph: dict[str, set[str]]) -> str:
 def choices_table() -> str:
     """The valid values of every config key that names a choice, built from the registries."""
     from minsnr.config import choices
+    from minsnr.timesteps import TIMESTEPS
+    from minsnr.weighting import STRATEGIES
 
-    rows = ["| key | valid values |", "|---|---|"]
-    rows += [f"| `{key}` | {', '.join(f'`{v}`' for v in valid)} |" for key, valid in choices().items()]
+    def shown(key: str, name: str) -> str:
+        """A value with its parameter's default: `min_snr` (gamma=5), `laplace` (mu=0, b=0.5)."""
+        if key == "loss.weighting" and name in STRATEGIES and STRATEGIES[name].default is not None:
+            return f"`{name}` ({STRATEGIES[name].param}={STRATEGIES[name].default:g})"
+        if key == "loss.timesteps" and TIMESTEPS[name].params:
+            return f"`{name}` ({TIMESTEPS[name].signature(name).split('(', 1)[1]}"
+        return f"`{name}`"
+
+    rows = ["| key | valid values (parameter defaults: `loss.gamma`, `loss.timestep_args`) |", "|---|---|"]
+    rows += [f"| `{key}` | {', '.join(shown(key, v) for v in valid)} |" for key, valid in choices().items()]
     return "\n".join(rows)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from minsnr.coupling import DEFAULT_NOISE_ASSIGNMENT
 from minsnr.sampling import DEFAULT_SAMPLER
 from minsnr.timesteps import DEFAULT_TIMESTEPS
 from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING
@@ -48,9 +49,14 @@ class ScheduleConfig:
 class LossConfig:
     target: str = DEFAULT_TARGET  # one of minsnr.weighting.TARGETS
     weighting: str = DEFAULT_WEIGHTING  # one of minsnr.weighting.WEIGHTINGS (STRATEGIES, or ADAPTIVE: stateful)
-    gamma: float | None = None  # None: the strategy's default gamma in STRATEGIES
+    # the strategy's one parameter (gamma of min_snr/max_snr/soft_min_snr/p2, b of sigmoid, sigma_data of edm);
+    # None: its default in STRATEGIES
+    gamma: float | None = None
     timesteps: str = DEFAULT_TIMESTEPS  # distribution of t, a key of minsnr.timesteps.TIMESTEPS
+    # its parameters over their defaults, e.g. {mean: -0.4, std: 1.0} for EDM2's lognormal
+    timestep_args: dict[str, float] = field(default_factory=dict)
     label_dropout: float = 0.0  # probability of replacing the label by the null class (0.15 in the paper)
+    noise_assignment: str = DEFAULT_NOISE_ASSIGNMENT  # a key of minsnr.coupling.NOISE_ASSIGNMENTS: independent (the paper) or immiscible (Li et al. 2024)
     adapt_every: int = 100  # weighting=pareto: steps between updates of the weights (minsnr.adaptive)
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 import minsnr.checkpoint as ck
 import minsnr.resume as resume
 from minsnr.config import Config, dump_yaml
+from minsnr.coupling import assign_noise
 from minsnr.ema import ema_decay, update_ema
 from minsnr.objective import drop_labels
 from minsnr.run import Run, build_run
@@ -220,6 +221,10 @@ class Trainer:
             if cfg.model.num_classes > 0
             else None
         )
+        if cfg.loss.noise_assignment != "independent":
+            # within this rank's micro-batch only (x is the rank's share): the same noise rows, re-paired
+            # to the images; outside the CUDA graph, so the solver's host sync is allowed here
+            noise = assign_noise(cfg.loss.noise_assignment, x, noise)
         return x, y, t, noise
 
     def _flag_nonfinite(self, value: torch.Tensor) -> None:

@@ -52,5 +52,5 @@ def test_plain_in_x0_terms_and_its_named_equivalents():
 def test_config_accepts_plain_and_lists_it(tmp_path):
     cfg = load_config(None, ["loss.weighting=plain", "loss.target=v"])
     assert cfg.loss.weighting == "plain"
-    with pytest.raises(ConfigError, match="soft_min_snr, plain"):
+    with pytest.raises(ConfigError, match="edm, plain, learned"):
         load_config(None, ["loss.weighting=plane"])

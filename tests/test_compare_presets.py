@@ -45,7 +45,7 @@ def test_unknown_preset_or_weighting_is_named():
         resolve("cpuu")
     _, settings = resolve("cpu")
     settings.weightings = ["min_snr:-1"]
-    with pytest.raises(ConfigError, match="gamma > 0"):
+    with pytest.raises(ConfigError, match="gamma must be > 0"):
         run_matrix(settings, None)
     settings.weightings = ["minsnr"]
     with pytest.raises(ConfigError, match="did you mean 'min_snr'.*choose from const, snr.*or baseline"):

@@ -63,9 +63,17 @@ def test_unknown_schedule_lists_names():
 
 
 def closed_form(snr: np.ndarray, strategy: str, target: str, gamma: float | None) -> np.ndarray:
-    """x0-space weight of section 3.4 over the target's conversion factor of appendix B."""
-    g = {"max_snr": 1.0, "min_snr": 5.0, "soft_min_snr": 5.0}.get(strategy) if gamma is None else gamma
+    """x0-space weight of section 3.4 over the target's conversion factor of appendix B. The strategies after
+    the paper as their sources state them: eps-space weights (times SNR for x0), EDM's lambda(sigma)."""
+    defaults = {"max_snr": 1.0, "min_snr": 5.0, "soft_min_snr": 5.0, "sigmoid": 0.0, "p2": 1.0, "edm": 0.5}
+    g = defaults.get(strategy) if gamma is None else gamma
+    sigma = 1 / np.sqrt(snr)  # the VE noise level
     w = {
+        # Kingma & Gao: eps-space sigmoid(b - lambda)
+        "sigmoid": snr / (1 + np.exp(-(g - np.log(snr)))) if g is not None else None,
+        "p2": snr * 1 / (1 + snr) ** g if g else None,  # Choi et al.: eps 1 / (k + SNR)^gamma, k = 1
+        "debiased": snr * 1 / np.sqrt(snr),  # Yu et al.: eps 1 / sqrt(SNR)
+        "edm": (sigma**2 + g**2) / (sigma * g) ** 2 if g else None,  # Karras et al.: lambda(sigma), sigma_data = g
         "const": np.ones_like(snr),
         "snr": snr,
         "max_snr": np.maximum(snr, g) if g else None,
@@ -73,6 +81,7 @@ def closed_form(snr: np.ndarray, strategy: str, target: str, gamma: float | None
         "soft_min_snr": 1 / (1 / snr + 1 / g) if g else None,
         "plain": {"x0": np.ones_like(snr), "eps": snr, "v": snr + 1}[target],  # weight 1 in the target's space
     }[strategy]
+    assert w is not None
     return w / {"x0": 1.0, "eps": snr, "v": snr + 1}[target]
 
 

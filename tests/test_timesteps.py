@@ -143,9 +143,9 @@ def test_a_loss_spec_is_parsed_by_the_registries():
     assert parse_spec("const@logit_normal") == ("const", None, "logit_normal")
     for bad, why in [
         ("minsnr", "did you mean 'min_snr'"),
-        ("const:2", "take a gamma > 0"),
+        ("const:2", "takes no parameter"),
         ("min_snr:x", "not a number"),
-        ("min_snr:-1", "take a gamma > 0"),
+        ("min_snr:-1", "gamma must be > 0"),
         ("min_snr@bogus", "timestep distribution='bogus' is not valid"),
         ("learned@importance", "needs a fixed weight"),
     ]:

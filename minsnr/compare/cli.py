@@ -15,6 +15,7 @@ minsnr.compare.verdict). A table, RUN_DIR/compare.json and RUN_DIR/compare.png. 
     minsnr compare configs/my.yaml data.source=folder data.path=imgs/ model.num_classes=0   # bits/dim
     minsnr compare cpu --targets eps --reference min_snr --weightings min_snr:1,min_snr:20,min_snr@importance
     minsnr compare cifar10 data.path=cifar20k.npz       # one GPU, see configs/compare/cifar10.yaml
+    minsnr compare cpu --search 60k --targets eps --seeds 3   # which weighting? halving, then a seeded race
 
 Exit codes: 0 every run finished or diverged (a divergence is a result, shown in the table), 1 a run
 failed with an error (its log: RUN_DIR/seed<S>/<run>/compare.log), 2 a bad config or setting, 130 interrupted.
@@ -82,6 +83,16 @@ def main(argv: list[str]) -> int:
         default=None,
         help="pin each concurrent run to its own CPU cores (default: on)",
     )
+    p.add_argument(
+        "--search",
+        metavar="BUDGET",
+        help="which weighting should I use? successive halving over --weightings x --timesteps (default: every "
+        "registered weighting with its grid, crossed with every timestep law) within BUDGET training steps "
+        "(e.g. 60000 or 60k, over all targets), then a seeded race of the finalists against --reference "
+        "(default min_snr) and the baseline; see minsnr.compare.search",
+    )
+    p.add_argument("--timesteps", type=_list, help="--search: the timestep laws to cross with, e.g. uniform,laplace")
+    p.add_argument("--finalists", type=int, default=2, help="--search: candidates per target in the final race")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the runs; train nothing")
     a = p.parse_intermixed_args(argv)
     try:
@@ -105,6 +116,21 @@ def main(argv: list[str]) -> int:
                 setattr(settings, name, getattr(a, name))
         if settings.jobs < 0:
             raise ConfigError(f"--jobs {settings.jobs} must be >= 0 (0: automatic)")
+        if a.search is not None:
+            from minsnr.compare.search import parse_budget, search
+
+            budget = parse_budget(a.search)
+            if a.report_only:
+                raise ConfigError(
+                    "--report-only with --search: rerun the search command; finished rounds train nothing"
+                )
+            settings.candidates, settings.search_timesteps = a.weightings, a.timesteps
+            if a.reference is None:
+                settings.reference = "min_snr"
+            code, _ = search(base, settings, budget, a.finalists)
+            return code
+        if a.timesteps is not None:
+            raise ConfigError("--timesteps is for --search; in a race name them per weighting: min_snr@laplace")
         from minsnr.compare.runner import compare
 
         code, _ = compare(base, settings, report_only=a.report_only)

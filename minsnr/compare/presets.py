@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minsnr.config import PACKAGED_CONFIGS, Config, ConfigError
-from minsnr.timesteps import parse_spec
+from minsnr.coupling import NOISE_ASSIGNMENTS
+from minsnr.timesteps import TIMESTEPS, parse_spec, parse_timesteps
 from minsnr.weighting import STRATEGIES, TARGETS
 
 BASELINES = {"x0": "const", "eps": "snr", "v": "plain"}
@@ -42,6 +43,11 @@ class Settings:
     # one seed every weighting shares them (common random numbers).
     seeds: int | None = None
     metric: str = "auto"  # auto: fid_cls on labelled data, bpd on unlabelled | fid_cls | fid | bpd
+    # --search: the candidate weightings (None: every registered one, with its grid) and timestep laws (None:
+    # every one, plus minsnr.timesteps.SEARCH_VARIANTS); per_target: the final race's weightings per target
+    candidates: list[str] | None = None
+    search_timesteps: list[str] | None = None
+    per_target: dict[str, list[str]] | None = None
 
 
 PRESETS: dict[str, Settings] = {
@@ -78,48 +84,57 @@ class RunSpec:
     weighting: str
     gamma: float | None  # None: the strategy's default (or the config's loss.gamma)
     explicit_gamma: bool = False
-    timesteps: str | None = None  # None: the config's loss.timesteps
+    timesteps: str | None = None  # a canonical spec ('lognormal(-0.4,1)'); None: the config's loss.timesteps
     reference: bool = False  # the run the target's other runs are timed against (run_matrix sets it)
+    noise: str | None = None  # a key of minsnr.coupling.NOISE_ASSIGNMENTS; None: the config's
 
     @property
     def name(self) -> str:
         suffix = f"_g{self.gamma:g}" if self.explicit_gamma and self.gamma is not None else ""
-        return f"{self.target}_{self.weighting}{suffix}" + (f"@{self.timesteps}" if self.timesteps else "")
+        timesteps = f"@{self.timesteps}" if self.timesteps else ""
+        return f"{self.target}_{self.weighting}{suffix}{timesteps}" + (f"+{self.noise}" if self.noise else "")
 
 
-def parse_weighting(token: str, target: str, config_gamma: float | None) -> RunSpec:
-    """NAME[:GAMMA][@TIMESTEPS] (minsnr.timesteps.parse_spec; NAME may be `baseline`) -> the run of `target`."""
+def parse_weighting(token: str, target: str, config_gamma: float | None, config_weighting: str = PROPOSAL) -> RunSpec:
+    """NAME[:P][@TIMESTEPS[(ARGS)]][+NOISE] (minsnr.timesteps.parse_spec; NAME may be `baseline`; NOISE a
+    key of minsnr.coupling.NOISE_ASSIGNMENTS, e.g. min_snr+immiscible) -> the run of `target`. The config's
+    loss.gamma is the parameter of its own loss.weighting only (`config_weighting`)."""
+    token, plus, noise = token.partition("+")
     head, at, rest = token.partition("@")
     name, colon, gamma_text = head.partition(":")
     name = BASELINES[target] if name == "baseline" else name
     try:
+        if plus and noise not in NOISE_ASSIGNMENTS:
+            raise ValueError(f"+{noise} is not a noise assignment; choose one of: {', '.join(NOISE_ASSIGNMENTS)}")
         weighting, gamma, timesteps = parse_spec(name + colon + gamma_text + at + rest)
     except ValueError as err:
         raise ConfigError(
-            f"weighting {token!r}: {err}; or baseline, the target's own (optionally NAME:GAMMA, e.g. "
-            "min_snr:3, and @TIMESTEPS, e.g. const@logit_normal)"
+            f"weighting {token + plus + noise!r}: {err}; or baseline, the target's own (optionally NAME:P, e.g. "
+            "min_snr:3, @TIMESTEPS, e.g. const@logit_normal or min_snr@lognormal(-0.4,1), and +immiscible)"
         ) from None
+    extra = {"timesteps": timesteps, "noise": noise or None}
     if gamma is not None:
-        return RunSpec(target, weighting, gamma, explicit_gamma=True, timesteps=timesteps)
-    default = STRATEGIES[weighting][1] if weighting in STRATEGIES else None
-    if default is not None and config_gamma is not None:
+        return RunSpec(target, weighting, gamma, explicit_gamma=True, **extra)  # type: ignore[arg-type]
+    default = STRATEGIES[weighting].default if weighting in STRATEGIES else None
+    if default is not None and config_gamma is not None and weighting == config_weighting:
         default = config_gamma
-    return RunSpec(target, weighting, default, timesteps=timesteps)
+    return RunSpec(target, weighting, default, **extra)  # type: ignore[arg-type]
 
 
-def run_matrix(settings: Settings, config_gamma: float | None) -> list[RunSpec]:
+def run_matrix(settings: Settings, config_gamma: float | None, config_weighting: str = PROPOSAL) -> list[RunSpec]:
     """Every (target, weighting) pair, in order, without duplicates; each target's reference run is marked
-    (and added first when --weightings does not name it)."""
+    (and added first when --weightings does not name it). config_gamma: the parameter of config_weighting."""
     if not settings.targets or not settings.weightings:
         raise ConfigError("give at least one target (--targets) and one weighting (--weightings)")
     specs: list[RunSpec] = []
     for target in settings.targets:
         if target not in TARGETS:
             raise ConfigError(f"target {target!r} is not valid; choose from {', '.join(TARGETS)}")
-        reference = parse_weighting(settings.reference, target, config_gamma).name
-        runs = [parse_weighting(token, target, config_gamma) for token in settings.weightings]
+        reference = parse_weighting(settings.reference, target, config_gamma, config_weighting).name
+        tokens = (settings.per_target or {}).get(target, settings.weightings)
+        runs = [parse_weighting(token, target, config_gamma, config_weighting) for token in tokens]
         if reference not in [s.name for s in runs]:
-            runs.insert(0, parse_weighting(settings.reference, target, config_gamma))
+            runs.insert(0, parse_weighting(settings.reference, target, config_gamma, config_weighting))
         for spec in runs:
             if spec.name not in [s.name for s in specs]:
                 specs.append(dataclasses.replace(spec, reference=spec.name == reference))
@@ -149,6 +164,10 @@ def run_config(
     evaluation classifier, the thread count and the seed changed (data, schedule and model stay shared).
     seed None: the base config's seed."""
     seed = base.train.seed if seed is None else seed
+    timesteps, timestep_args = base.loss.timesteps, base.loss.timestep_args
+    if spec.timesteps:  # only the parameters off their defaults, as a user would write them
+        timesteps, values = parse_timesteps(spec.timesteps)
+        timestep_args = {k: v for k, v in values.items() if v != dict(TIMESTEPS[timesteps].params)[k]}
     cfg = dataclasses.replace(
         base,
         run_dir=str(run_folder(run_dir, seed, spec.name)),
@@ -158,7 +177,9 @@ def run_config(
             target=spec.target,
             weighting=spec.weighting,
             gamma=spec.gamma,
-            timesteps=spec.timesteps or base.loss.timesteps,
+            timesteps=timesteps,
+            timestep_args=timestep_args,
+            noise_assignment=spec.noise or base.loss.noise_assignment,
         ),
         log=dataclasses.replace(base.log, eval_classifier=classifier, eval_metric=metric),
         train=dataclasses.replace(base.train, threads=threads, seed=seed),

@@ -83,9 +83,11 @@ def load_state(run_dir: Path, base: Config, classifier: str, metric: str) -> dic
         )
     if state.get("format") != FORMAT:
         raise ConfigError(f"{run_dir / STATE} is not a minsnr comparison; choose another run_dir")
-    changed = sorted(k for k in set(shared) | set(state["config"]) if shared.get(k) != state["config"].get(k))
+    defaults = shared_config(Config())  # a key a later minsnr added reads as its default in an older state
+    stored = {**{k: v for k, v in defaults.items() if k not in state["config"]}, **state["config"]}
+    changed = sorted(k for k in set(shared) | set(stored) if shared.get(k) != stored.get(k))
     if changed:
-        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {shared.get(k)!r}" for k in changed[:5])
+        diffs = ", ".join(f"{k}: {stored.get(k)!r} -> {shared.get(k)!r}" for k in changed[:5])
         raise ConfigError(
             f"{run_dir / STATE} was started with another config ({diffs}); rerun with the same "
             "settings to continue it, or choose another run_dir"
@@ -149,6 +151,7 @@ def prepare_runs(
             "weighting": spec.weighting,
             "gamma": spec.gamma,
             "timesteps": spec.timesteps or base.loss.timesteps,
+            **({"noise": spec.noise} if spec.noise else {}),
         }
         if entry not in state["runs"]:
             state["runs"].append(entry)
@@ -184,7 +187,7 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     from minsnr.compare.classifier import resolve_metric
 
     base, notes = check_base(base)
-    specs = run_matrix(settings, base.loss.gamma)
+    specs = run_matrix(settings, base.loss.gamma, base.loss.weighting)
     run_dir = Path(base.run_dir)
     if report_only:
         state = read_json(run_dir / STATE)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("config", help="the run's config.yaml, written by minsnr compare")
     p.add_argument("--cpus", default="", help="comma-separated CPU cores to pin this process to")
-    p.add_argument("--bin-images", type=int, default=1000)
+    p.add_argument("--bin-images", type=int, default=1000, help="held-out images for figure 6; 0 skips it")
     p.add_argument("--parent", type=int, default=0, help="stop (save and exit) when this process dies")
     a = p.parse_args(argv)
     if a.parent:
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 status, {"state": "stopped", "step": result["step"], "message": "interrupted; rerun to continue"}
             )
             return 0
-        final_bin_losses(run_dir, result["step"], a.bin_images)
+        if a.bin_images > 0:  # 0: a search round, which reads only the score curves
+            final_bin_losses(run_dir, result["step"], a.bin_images)
     except NonFiniteLoss as err:
         write_json(status, {"state": "diverged", "step": err.step, "message": str(err)})
         print(f"diverged: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ from minsnr.weighting import STRATEGIES  # noqa: E402
 LABELS = {
     **{
         name: name.replace("_", "-").title().replace("Snr", "SNR") + ("" if g is None else f"-{g:g}")
-        for name, (_, g) in STRATEGIES.items()
+        for name, g in ((n, w.default) for n, w in STRATEGIES.items())
     },
     "ugd": "UGD",
     "frank_wolfe": "Frank-Wolfe",
