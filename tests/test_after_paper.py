@@ -228,3 +228,9 @@ def test_a_race_started_before_the_new_keys_continues_and_a_changed_key_is_named
     other = dataclasses.replace(base, loss=dataclasses.replace(base.loss, timestep_args={"mean": -0.4}))
     with pytest.raises(ConfigError, match=r"loss.timestep_args.mean: None -> -0.4"):
         load_state(tmp_path, other, "auto", "fid_cls")
+
+
+def test_the_command_line_list_keeps_a_timestep_spec_whole():
+    from minsnr.compare.cli import _list
+
+    assert _list("p2, min_snr@lognormal(-0.4,1),edm:1,") == ["p2", "min_snr@lognormal(-0.4,1)", "edm:1"]

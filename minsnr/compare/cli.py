@@ -33,7 +33,14 @@ from minsnr.weighting import WEIGHTINGS
 
 
 def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    """Comma-separated items; commas inside parentheses belong to an item (min_snr@lognormal(-0.4,1))."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    return [t for t in items if t]
 
 
 def main(argv: list[str]) -> int:
