@@ -203,9 +203,15 @@ def rewrite(path: Path, markers: tuple[str, str], content: str) -> bool:
     return new != text
 
 
-if __name__ == "__main__":
-    for doc, markers, content in [
+def generated() -> list[tuple[Path, tuple[str, str], str]]:
+    """Every generated block: (file, its markers, what it must hold)."""
+    return [
         (DOCS / "configuration.md", CHOICES, choices_table()),
+        (DOCS.parent / "README.md", CHOICES, choices_table()),
         (DOCS / "architecture.md", PICTURE, layer_table(imports())),
-    ]:
+    ]
+
+
+if __name__ == "__main__":
+    for doc, markers, content in generated():
         print(f"{doc}: {'updated' if rewrite(doc, markers, content) else 'up to date'}")

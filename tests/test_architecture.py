@@ -41,8 +41,5 @@ def test_no_circle(graph):
 
 
 def test_generated_docs_are_current(graph):
-    for doc, markers, content in [
-        (DOCS / "architecture.md", reference.PICTURE, reference.layer_table(graph)),
-        (DOCS / "configuration.md", reference.CHOICES, reference.choices_table()),
-    ]:
+    for doc, markers, content in reference.generated():
         assert reference.block(doc.read_text(), markers) == content, f"{doc.name} is stale: python -m minsnr.reference"
