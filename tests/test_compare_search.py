@@ -76,6 +76,8 @@ def test_the_plan_halves_to_the_finalists_and_stays_within_the_budget(count, bud
 def test_a_budget_too_small_names_what_it_needs_and_the_last_horizon_fits_the_run():
     with pytest.raises(ConfigError, match=r"12 candidates need at least 8,000 training steps"):
         plan(12, 3000, 1, log_every=50, max_steps=10**9)
+    with pytest.raises(ConfigError, match=r"43 candidates need 5 halving rounds .* would pass train.steps=3000"):
+        plan(43, 10**9, 2, log_every=50, max_steps=3000)
     p = plan(4, 10**9, 1, log_every=50, max_steps=3000)
     assert p["horizons"][-1] <= 3000 and p["horizons"] == [1400, 2800]
 

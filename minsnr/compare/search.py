@@ -126,6 +126,12 @@ def plan(count: int, budget: int, finalists: int, log_every: int, max_steps: int
     units = sum((keep[r] + 1) * (2**r - (2 ** (r - 1) if r else 0)) for r in range(rungs))
     grain = EVALS_PER_HORIZON * log_every
     first = budget // units // grain * grain
+    if max_steps // 2 ** (rungs - 1) < grain:
+        raise ConfigError(
+            f"{count} candidates need {rungs} halving rounds to reach {finalists} finalist(s); the last horizon, "
+            f"{2 ** (rungs - 1)} x {grain} steps, would pass train.steps={max_steps}: give fewer candidates "
+            "(--weightings, --timesteps), more --finalists, or more --steps"
+        )
     first = min(first, max_steps // 2 ** (rungs - 1) // grain * grain)
     if first < grain:
         need = units * grain
