@@ -239,6 +239,7 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
         on_gpu = base.train.device != "cpu" and torch.cuda.is_available()
         classifier = ensure_classifier(base, settings, metric, run_dir, "cuda" if on_gpu else "cpu")
         state = _load(run_dir, base, budget, finalists, metric, targets)
+        write_json(run_dir / STATE, state)  # the plan, before anything trains
         cores = sorted(os.sched_getaffinity(0))
         alive = {t: list(v["candidates"]) for t, v in targets.items()}
         seed = base.train.seed
