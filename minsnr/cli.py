@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         module = importlib.import_module(VERBS[verb][0])
-    except ImportError as err:  # e.g. an extra the verb needs (minsnr.extras.MissingExtra)
+        return int(module.main(rest) or 0)
+    except ImportError as err:  # an extra the verb needs (minsnr.extras.MissingExtra), imported lazily
         print(f"minsnr {verb}: error: {err}", file=sys.stderr)
         return 1
-    return int(module.main(rest) or 0)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -99,7 +100,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             base = OmegaConf.merge(base, OmegaConf.load(p))
         except OmegaConfBaseException as err:
             raise _explain(err, str(p)) from None
-    return _finish(_merge(base, overrides or [], None))
+        except (UnicodeDecodeError, yaml.YAMLError) as err:  # a binary file, or YAML that does not parse
+            why = "not a text file" if isinstance(err, UnicodeDecodeError) else str(err).splitlines()[0]
+            raise ConfigError(f"config file {p} is not a YAML config ({why})") from None
+    cfg = _finish(_merge(base, overrides or [], None))
+    check_machine(cfg)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str], only: str | None = None) -> Config:
@@ -281,6 +287,40 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1)")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
+
+
+def check_machine(cfg: Config) -> None:
+    """Settings this machine or the step can never honour, refused before training with the keys named (rather
+    than a kernel error, or a silent fallback, later). Only for a run about to start here (`load_config`): a
+    stored config analysed on another machine (`apply_overrides`) is not refused for its device."""
+    # The whole-step CUDA graph is planned only on CUDA with one process and train.grad_accum 1
+    # (minsnr.step.plan_step), so the cuda_graph checks apply only there and the default
+    # train.cuda_graph=true stays valid on the CPU, under torchrun and with grad_accum.
+    import torch
+
+    from minsnr.distributed import GRAPHING_MODES, world_size
+
+    t = cfg.train
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda, but this machine has no CUDA device; use train.device=auto or cpu")
+    on_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if on_cuda and t.attention in ("flash", "cudnn") and t.precision == "fp32":
+        raise ConfigError(
+            f"train.attention={t.attention} with train.precision=fp32: the CUDA {t.attention} kernels take only "
+            "half precision; use train.precision=auto (bf16), or train.attention=efficient, math or auto"
+        )
+    graphed = on_cuda and t.cuda_graph and t.grad_accum == 1 and world_size() == 1
+    if graphed and t.compile and t.compile_mode in GRAPHING_MODES:
+        raise ConfigError(
+            f"train.cuda_graph=true with train.compile=true and train.compile_mode={t.compile_mode}: that mode "
+            "captures CUDA graphs of its own; set train.cuda_graph=false, or train.compile_mode=default or "
+            "max-autotune-no-cudagraphs"
+        )
+    if graphed and not t.compile and cfg.model.args.get("grad_checkpointing"):
+        raise ConfigError(  # torch.utils.checkpoint saves the CUDA RNG state, which a graph capture forbids
+            "train.cuda_graph=true with model.args.grad_checkpointing=true: a checkpointed forward cannot be "
+            "captured as a CUDA graph; set train.cuda_graph=false or model.args.grad_checkpointing=false"
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

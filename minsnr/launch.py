@@ -53,6 +53,7 @@ def main(argv: list[str]) -> int:
         NonFiniteLoss,
         BadImagesError,
         FileNotFoundError,
+        NotADirectoryError,  # data.path names a file where a folder is expected
         ValueError,
         MissingExtra,
     ) as err:

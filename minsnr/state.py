@@ -2,18 +2,20 @@
 
     model, ema, optimizer   state dicts
     loss_weighting          the stateful loss weighting's state (learned u(t), Pareto weights), if any
-    step, rng, rng_ranks    the optimiser step; torch/CUDA/numpy/python streams, and each rank's torch stream
+    step, rng, rng_ranks    the optimiser step; the numpy/python streams, and each rank's own torch CPU and
+                            CUDA streams (minsnr.checkpoint: a resume on another number of ranks says which
+                            ranks' streams it cannot continue)
     data                    the batch iterator's position (epoch, index, skipped files)
     config, class_names, version
 
-`TrainState.state_dict()` gathers every rank's torch stream (collective under DDP: every rank calls it);
+`TrainState.state_dict()` gathers every rank's own streams (collective under DDP: every rank calls it);
 `load_state_dict()` loads every part strictly and names the part that does not fit. minsnr.resume decides
 which checkpoint file to load and puts saved files in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +41,19 @@ class TrainState:
     rank: int = 0
     world: int = 1
     step: int = 0
+    device: torch.device | None = None  # where this rank trains; None: the model's device
+
+    def _device(self) -> torch.device:
+        return self.device if self.device is not None else next(self.model.parameters()).device
 
     def state_dict(self) -> dict[str, Any]:
         """Everything an exact resume needs (collective under DDP: every rank gathers the RNG streams)."""
         rng = ck.rng_state()
-        ranks = [rng["torch"]]
+        own = ck.rank_rng_state(self._device())
+        ranks: list[Any] = [own]
         if self.world > 1:
-            ranks = [torch.empty_like(rng["torch"]) for _ in range(self.world)]
-            dist.all_gather_object(ranks, rng["torch"])  # type: ignore[arg-type]
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, own)  # by rank: CPU byte tensors, pickled through the process group
         state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -64,9 +71,10 @@ class TrainState:
             state["loss_weighting"] = loss_state
         return state
 
-    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+    def load_state_dict(self, state: dict[str, Any], path: Path, say: Callable[[str], None] = print) -> None:
         """Load model, EMA, optimiser, loss weighting, data position, RNG streams and step strictly;
-        CheckpointError naming `path` and the part that does not fit."""
+        CheckpointError naming `path` and the part that does not fit. Rank 0 says in one line which ranks'
+        RNG streams cannot be continued (another number of ranks than the checkpoint's)."""
         cfg = self.cfg
         stored = state["config"].get("model")
         if stored != to_dict(cfg)["model"]:
@@ -91,6 +99,9 @@ class TrainState:
             raise ck.CheckpointError(f"{path}: optimiser state does not fit: {err}") from None
         self.batches.load_state_dict(state["data"])
         ck.set_rng_state(state["rng"])
-        if self.rank < len(state["rng_ranks"]):  # each rank's own torch stream (dropout)
-            torch.set_rng_state(state["rng_ranks"][self.rank])
+        device = self._device()
+        ck.set_rank_rng_state(state, self.rank, device, cfg.train.seed)  # each rank its own streams (dropout)
+        note = ck.rng_resume_note(state, self.world, device.type == "cuda")
+        if note is not None and self.rank == 0:
+            say(note)
         self.step = int(state["step"])

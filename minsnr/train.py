@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ from minsnr.schedule import Schedule
 from minsnr.seeds import derive_seed
 from minsnr.state import TrainState
 from minsnr.step import StaticStep, attention, set_lr
+
+# Progress: tqdm's bar when stderr, where it draws, is a terminal; in a file (Slurm, nohup, CI) a bar is a wall of
+# carriage returns, so there rank 0 prints one plain line (step, loss, img/s, ETA) to stdout at a metrics read
+# (every log.every steps), at most one per PLAIN_EVERY_S seconds, and always at the last step.
+PLAIN_EVERY_S = 30.0
 
 
 class NonFiniteLoss(RuntimeError):
@@ -307,9 +313,13 @@ class Trainer:
         self.saved_step, self.stop_signal = self.step, 0  # the checkpoint resumed from needs no second save
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.world
-        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
+        plain = not (sys.stderr and sys.stderr.isatty())  # see PLAIN_EVERY_S
+        bar = tqdm(
+            total=cfg.train.steps, initial=self.step, disable=self.rank != 0 or plain, unit="step", dynamic_ncols=True
+        )
         last: dict[str, float] = {}
         tick, tick_step = time.perf_counter(), self.step
+        start, start_step, said = tick, self.step, -float("inf")
         try:
             while self.step < cfg.train.steps and not self.stop_requested:
                 self.train_step()
@@ -320,6 +330,10 @@ class Trainer:
                     rate = images_per_step * (self.step - tick_step) / max(time.perf_counter() - tick, 1e-9)
                     metrics = last = self._read_metrics(rate)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+                    now = time.perf_counter()
+                    if plain and self.rank == 0 and (final or now - said >= PLAIN_EVERY_S):
+                        print(self._progress_line(metrics, now - start, self.step - start_step), flush=True)
+                        said = now
                 metrics.update(self._run_hooks(final))
                 if metrics and log is not None:
                     log.write(self.step, metrics)
@@ -340,6 +354,15 @@ class Trainer:
                 log.close()
         stopped = self.stop_signal if self.step < cfg.train.steps else 0
         return {"step": self.step, "metrics": last, "run_dir": str(self.run_dir), "stopped_by_signal": stopped}
+
+    def _progress_line(self, metrics: dict[str, float], seconds: float, steps: int) -> str:
+        """'step 200/2000 (10%)  loss 0.1234  1,520 img/s  ETA 00:41': the ETA at this session's pace so far."""
+        total = self.cfg.train.steps
+        eta = tqdm.format_interval(seconds / steps * (total - self.step)) if steps > 0 else "?"
+        return (
+            f"step {self.step}/{total} ({100 * self.step // total}%)  loss {metrics['loss']:.4f}  "
+            f"{metrics['img_per_s']:,.0f} img/s  ETA {eta}"
+        )
 
     def _check_ranks_agree(self) -> None:
         """DDP keeps replicas identical; verify it once at the end rather than trust it."""

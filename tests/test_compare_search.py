@@ -82,24 +82,25 @@ def test_a_budget_too_small_names_what_it_needs_and_the_last_horizon_fits_the_ru
     assert p["horizons"][-1] <= 3000 and p["horizons"] == [1400, 2800]
 
 
-def test_ranking_reads_the_speed_up_over_the_reference():
+def test_ranking_puts_reaching_the_references_score_before_a_fast_start():
     steps = np.arange(1, 21, dtype=np.float64) * 50
     ref = {"steps": steps.tolist(), "values": (100 / steps).tolist(), "status": "finished"}
+    fast_start = np.maximum(100 / (3 * steps), 0.15)  # 3x faster early, then stuck above the ref's end score 0.1
     runs = {
         "twice": {"steps": steps.tolist(), "values": (100 / (2 * steps)).tolist(), "status": "finished"},
         "half": {"steps": steps.tolist(), "values": (100 / (0.5 * steps)).tolist(), "status": "finished"},
         "same": {**ref},
-        "gone": {"steps": steps[:3].tolist(), "values": [5.0, 5.0, 5.0], "status": "diverged"},
+        "plateau": {"steps": steps.tolist(), "values": fast_start.tolist(), "status": "finished"},
+        "gone": {"steps": steps[:3].tolist(), "values": [500.0, 500.0, 500.0], "status": "diverged"},
     }
     ranking = rank(runs, ref, 1000)
-    assert [r["name"] for r in ranking] == ["twice", "same", "half", "gone"]
-    assert ranking[1]["score"] == pytest.approx(1.0)
-    assert ranking[0]["score"] == pytest.approx(2.0, rel=0.05)
-    # half speed: 0.5x at the quarter and half levels; the end level is never reached within the horizon, an
-    # upper bound read at its value (<1.00x), as the race's verdicts read it: (0.5 * 0.5 * 1)^(1/3)
-    assert ranking[2]["levels"]["end"]["bound"] == "<" and ranking[2]["score"] == pytest.approx(
-        0.25 ** (1 / 3), rel=0.05
-    )
+    assert [r["name"] for r in ranking] == ["twice", "same", "plateau", "half", "gone"]
+    # "half" reaches the reference's mid-run score only at the horizon itself, where the smoothed end (a mean
+    # with its neighbour) still lies above it: it is ranked at the quarter level
+    assert [r["depth"] for r in ranking] == ["end", "end", "half", "quarter", None]
+    assert ranking[0]["score"] == pytest.approx(2.0, rel=0.05) and ranking[1]["score"] == pytest.approx(1.0)
+    assert ranking[2]["score"] == pytest.approx(3.0, rel=0.1)  # fast to the half level, never to the end one
+    assert ranking[3]["score"] == pytest.approx(0.5, rel=0.05) and ranking[4]["score"] == 0.0
 
 
 def _args(run_dir, classifier_path, budget="112"):

@@ -19,6 +19,10 @@ def x0_space_weight(snr: torch.Tensor, strategy: str) -> torch.Tensor:
         "max_snr": torch.maximum(snr, torch.ones_like(snr)),
         "min_snr": torch.minimum(snr, torch.full_like(snr, 5.0)),
         "soft_min_snr": snr * 5.0 / (snr + 5.0),
+        "sigmoid": snr / (1 + snr),  # eps-space sigmoid(0 - ln SNR) = 1 / (1 + SNR), times SNR
+        "p2": snr / (1 + snr),  # eps-space 1 / (1 + SNR)^1
+        "debiased": snr.sqrt(),  # eps-space 1 / sqrt(SNR)
+        "edm": snr + 4.0,  # lambda(sigma) = 1/sigma^2 + 1/0.5^2
     }[strategy]
 
 

@@ -153,7 +153,7 @@ def test_bad_config_fails_early(tmp_path, capsys, override, message):
 def test_unknown_key_lists_valid_keys(tmp_path, capsys):
     train_main([str(ROOT / "configs" / "quickstart.yaml"), "loss.weightin=min_snr"])
     err = capsys.readouterr().err
-    assert "valid keys in loss: target, weighting, gamma, timesteps, label_dropout" in err
+    assert "valid keys in loss: target, weighting, gamma, timesteps, timestep_args, label_dropout" in err
     assert "(did you mean 'weighting'?)" in err and "command-line override" in err
 
 

@@ -10,9 +10,11 @@ Successive halving (Jamieson & Talwalkar 2016) on common random numbers, per tar
    the same model.
 2. Rung r trains every surviving candidate and the reference (Min-SNR-5 by default) to horizon h * 2^r
    with seed train.seed (a run continues from its checkpoint at the previous horizon: the learning rate is
-   constant after warm-up, so this is the run that never stopped), then ranks the candidates by their
-   speed-up over the reference (minsnr.compare.verdict.readings: smoothed curves, the geometric mean of
-   the three levels, bounds at their value) and keeps the better half (at least `finalists`).
+   constant after warm-up, so this is the run that never stopped), then ranks the candidates by the deepest
+   of the reference's three levels they reach within the horizon and their speed-up there
+   (minsnr.compare.verdict.readings: smoothed curves; `rank`) and keeps the better half (at least
+   `finalists`). A candidate that starts fast but never reaches the reference's score at the horizon ranks
+   below every one that does.
 3. The first horizon h is the largest multiple of 4 log.every that spends at most BUDGET training steps
    over all rungs (reference included), capped so that the last horizon is at most train.steps.
 4. The finalists then race with --seeds seeds at the config's full train.steps against the reference and
@@ -145,9 +147,16 @@ def plan(count: int, budget: int, finalists: int, log_every: int, max_steps: int
     return {"keep": keep, "horizons": horizons, "eval_every": first // EVALS_PER_HORIZON, "cost": cost}
 
 
+DEPTH = ("quarter", "half", "end")  # the reference's levels, shallowest first
+LEVEL_NAMES = {"quarter": "1/4", "half": "1/2", "end": "end"}
+
+
 def rank(runs: dict[str, dict[str, Any]], ref: dict[str, Any], horizon: int) -> list[dict[str, Any]]:
-    """Candidates (name -> seed_run at this rung) best first by their speed-up over `ref` (the geometric
-    mean of the three levels' readings, minsnr.compare.verdict); a run that failed ranks last."""
+    """Candidates (name -> seed_run at this rung) best first: first by the deepest of the reference's levels
+    (its smoothed score at 1/4, 1/2, the end of the horizon) the run reaches within the horizon, then by its
+    speed-up there (minsnr.compare.verdict.readings: smoothed curves; a `>=` bound at its value). A run that
+    never reaches the reference's final score is slower there for certain (the verdict's rule), so it ranks
+    below every run that does, however fast it started; a failed run ranks last."""
     ref_curve = (np.array(ref["steps"]), np.array(ref["values"]))
     curves = [np.log(r["values"]) for r in [ref, *runs.values()] if len(r["values"])]
     noise = verdict.plateau_noise(curves)
@@ -155,11 +164,15 @@ def rank(runs: dict[str, dict[str, Any]], ref: dict[str, Any], horizon: int) -> 
     for name, run in runs.items():
         curve = (np.array(run["steps"]), np.array(run["values"]))
         got = verdict.readings(ref_curve, curve, noise, horizon, run["status"] == "diverged")
-        score = float(np.exp(np.mean([np.log(r.speedup) for r in got.values()]))) if got else 0.0
+        reached = [level for level in DEPTH if level in got and got[level].bound != "<"]
+        depth = DEPTH[len(reached) - 1] if reached else None  # levels are reached in order: smoothed curves fall
         levels = {k: {"speedup": r.speedup, "bound": r.bound} for k, r in got.items()}
         final = run["values"][-1] if run["values"] else None
-        out.append({"name": name, "score": score, "levels": levels, "final": final, "status": run["status"]})
-    return sorted(out, key=lambda r: (-r["score"], r["name"]))
+        score = got[depth].speedup if depth else 0.0
+        out.append(
+            {"name": name, "depth": depth, "score": score, "levels": levels, "final": final, "status": run["status"]}
+        )
+    return sorted(out, key=lambda r: (-(DEPTH.index(r["depth"]) + 1 if r["depth"] else 0), -r["score"], r["name"]))
 
 
 def rung_config(base: Config, horizon: int, eval_every: int) -> Config:
@@ -345,11 +358,15 @@ def table(state: dict[str, Any]) -> str:
         for name, twin in t["same"].items():
             lines.append(f"  dropped before training: {name} (the same loss at every timestep as {twin})")
         for rnd in t["rounds"]:
-            lines.append(f"  round at {rnd['horizon']} steps (speed-up over {t['reference']}, mean of 3 levels):")
+            lines.append(
+                f"  round at {rnd['horizon']} steps (speed-up over {t['reference']} at the deepest of its levels "
+                "reached: 1/4, 1/2, end):"
+            )
             for row in rnd["ranking"]:
                 mark = "kept   " if row["kept"] else "dropped"
                 status = "" if row["status"] == "finished" else f" [{row['status']}]"
-                lines.append(f"    {mark} {row['score']:5.2f}x  {row['name']}{status}")
+                where = f"at {LEVEL_NAMES[row['depth']]}" if row["depth"] else "reaches none"
+                lines.append(f"    {mark} {row['score']:5.2f}x {where:<12} {row['name']}{status}")
         if t["finalists"]:
             lines.append(f"  finalists: {', '.join(t['finalists'])}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ digits: sklearn.datasets.load_digits, 1797 8x8 images with values 0..16 (scaled 
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,13 +86,58 @@ def _pick(keys: list[str], names: tuple[str, ...]) -> str | None:
     return next((k for k in names if k in keys), None)
 
 
+class Npz:
+    """An .npz file, read without pickle: a file that is not one (text, a pickle, a truncated file) or an array
+    that does not read raises ValueError naming the file, never numpy's advice to load it unsafely."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = np.load(self.path, allow_pickle=False)
+        except OSError:
+            raise
+        except Exception:
+            raise ValueError(not_npz(self.path)) from None
+        if not isinstance(self._file, np.lib.npyio.NpzFile):  # a single .npy array
+            raise ValueError(f"{self.path} is an .npy array, not an .npz file")
+        self.files: list[str] = list(self._file.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.files:
+            raise KeyError(f"{self.path} has no array {key!r}; its arrays: {', '.join(self.files)}")
+        try:
+            return self._file[key]
+        except Exception:  # a damaged member, or an array of Python objects
+            raise ValueError(
+                f"{self.path}: array {key!r} does not read (damaged, or not an array of numbers)"
+            ) from None
+
+    def __enter__(self) -> Npz:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def not_npz(path: Path) -> str:
+    """Why `path` (a file np.load refused) is not an .npz file, in words."""
+    with path.open("rb") as f:
+        cut = f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(f)
+    return f"{path} is not a complete .npz file (truncated or damaged)" if cut else f"{path} is not an .npz file"
+
+
 def load_npz(path: str | Path, split: str = "train", **options: object) -> ArrayDataset:
     """Images (uint8 NHWC) and labels from an .npz file; see the module docstring for the keys."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path {str(path)!r} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"data.path {str(path)!r} is not an .npz file")
-    with np.load(path, allow_pickle=False) as f:
-        keys = list(f.files)
+        raise ValueError(f"data.path {str(path)!r} is a folder, not an .npz file (data.source=folder reads folders)")
+    with Npz(path) as f:
+        keys = f.files
         x_key = _pick(keys, ("x", "x_train") if split == "train" else ("x_test",))
         y_key = _pick(keys, ("y", "y_train") if split == "train" else ("y_test",))
         if x_key is None:

@@ -65,6 +65,8 @@ def decode_latents(vae: torch.nn.Module, z: torch.Tensor, scale_factor: float) -
 
 def read_meta(root: str | Path) -> dict[str, Any]:
     root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"latent folder {root} does not exist")
     if not (root / META).is_file():
         state = (
             "an unfinished encode (rerun minsnr encode with the same arguments)"
@@ -72,7 +74,20 @@ def read_meta(root: str | Path) -> dict[str, Any]:
             else "not a latent folder (make one with minsnr encode)"
         )
         raise FileNotFoundError(f"{root} has no {META}: {state}")
-    return json.loads((root / META).read_text())
+    try:
+        return json.loads((root / META).read_text())
+    except ValueError:  # not text, or not JSON
+        raise ValueError(f"{root / META} is not JSON: a damaged latent folder (encode it again)") from None
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """An array of a latent folder; ValueError naming the file when it is not a complete .npy array."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except OSError:
+        raise
+    except Exception:  # text, a pickle, a truncated file: numpy's message would advise unsafe loading
+        raise ValueError(f"{path} is not a complete .npy array: a damaged latent folder (encode it again)") from None
 
 
 class LatentDataset(ImageDataset):
@@ -87,7 +102,7 @@ class LatentDataset(ImageDataset):
         self.hflip = hflip
         use_labels = conditional and self.meta["num_classes"] > 0
         self.labels = (
-            torch.from_numpy(np.load(self.root / LABELS))
+            torch.from_numpy(_load_npy(self.root / LABELS))
             if use_labels
             else torch.zeros(self.meta["count"], dtype=torch.long)
         )
@@ -103,7 +118,7 @@ class LatentDataset(ImageDataset):
     @property
     def moments(self) -> np.ndarray:
         if self._moments is None:  # opened lazily in each worker process
-            self._moments = np.load(self.root / MOMENTS, mmap_mode="r")
+            self._moments = _load_npy(self.root / MOMENTS, mmap_mode="r")
         return self._moments
 
     def __getstate__(self) -> dict[str, Any]:
@@ -132,9 +147,9 @@ def _image_dataset(data: str, size: int, crop: str) -> ImageDataset:
     from minsnr.data.arrays import load_npz
     from minsnr.data.folder import FolderDataset
 
-    if data.endswith(".npz"):
-        return load_npz(data, resolution=size, crop=crop, hflip=False)
-    return FolderDataset(data, resolution=size, crop=crop, hflip=False)
+    if Path(data).is_dir():
+        return FolderDataset(data, resolution=size, crop=crop, hflip=False)
+    return load_npz(data, resolution=size, crop=crop, hflip=False)  # any other file: an .npz, or an error naming it
 
 
 def _prepare(out: Path, settings: dict[str, Any], labels: np.ndarray) -> None:

@@ -96,11 +96,18 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
                 f"classifier file {p} not found; train one with `minsnr train-classifier DATA "
                 f"--out {weights.with_suffix('')}`"
             )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} is not a minsnr classifier (format {meta.get('format')!r})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:  # not text, or not JSON
+        raise ValueError(f"{meta_path} is not a minsnr classifier (not JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} is not a minsnr classifier (no format {FORMAT!r})")
     model = SmallCNN(meta["image_shape"][2], meta["num_classes"], meta["width"], meta["feature_dim"])
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        state = load_file(str(weights))
+    except Exception:  # safetensors' own error type: a text file, a pickle, a truncated file
+        raise ValueError(f"{weights} is not a minsnr classifier (not a complete .safetensors file)") from None
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
@@ -213,12 +220,14 @@ def load_labelled(data: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
             f"classifier data {data!r} not found; give 'digits' or an .npz file with "
             "x_train/y_train (optionally x_test/y_test), x/y or arr_0/arr_1"
         )
-    with np.load(data) as z:
+    from minsnr.data.arrays import Npz
+
+    with Npz(data) as z:
         pair = next(
             ((a, b) for a, b in (("x_train", "y_train"), ("x", "y"), ("arr_0", "arr_1")) if a in z and b in z), None
         )
         if pair is None:
-            raise KeyError(f"{data}: needs x_train/y_train, x/y or arr_0/arr_1; arrays in the file: {list(z.keys())}")
+            raise KeyError(f"{data}: needs x_train/y_train, x/y or arr_0/arr_1; arrays in the file: {z.files}")
         x, y = _nhwc(z[pair[0]]), z[pair[1]].astype(np.int64)
         if "x_test" in z and "y_test" in z:
             return x, y, _nhwc(z["x_test"]), z["y_test"].astype(np.int64)

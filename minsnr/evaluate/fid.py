@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 from minsnr.distributed import resolve_device
 from minsnr.evaluate.classifier import classifier_paths, feature_fn, fid_cls, load_classifier
 from minsnr.evaluate.frechet import feature_stats, frechet_distance
-from minsnr.evaluate.images import ImageSet, open_images
+from minsnr.evaluate.images import ImageSet, open_images, open_npz, read_npy
 from minsnr.evaluate.util import HelpFormatter, progress, run_verb
 
 Stats = tuple[np.ndarray, np.ndarray]
@@ -52,8 +53,16 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
         raise ImportError(
             "Inception FID needs torch-fidelity: pip install 'minsnr[fid]' (or use --features classifier)"
         ) from err
+    not_weights = f"{weights} is not an Inception weights file (a state dict saved by torch.save)"
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"Inception weights file {weights} not found")
+    if weights is not None:  # torch-fidelity reads it with weights_only=False: read it safely first
+        try:
+            with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+                warnings.simplefilter("ignore")
+                torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception:  # a text file, a foreign pickle, a truncated file
+            raise ValueError(not_weights) from None
     try:
         model = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=None if weights is None else str(weights)
@@ -63,6 +72,10 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
             f"could not load the FID Inception weights ({err}). Without network, download {URL_INCEPTION_V3} "
             f"elsewhere and put it at {inception_default_path()}, or pass its path with --inception-weights PATH"
         ) from err
+    except RuntimeError:  # load_state_dict: other weights than Inception's
+        if weights is None:
+            raise
+        raise ValueError(not_weights) from None
     return model.to(device)
 
 
@@ -93,9 +106,12 @@ def cached_stats(cache: Path, source: str, compute: Callable[[], Stats]) -> Stat
     """Statistics from the file `cache` if it was written for the same `source` id, else computed and
     written there (a warning, not an error, when the folder is read-only)."""
     if cache.is_file():
-        with np.load(cache) as z:
-            if str(z["source"]) == source:
-                return z["mu"], z["sigma"]
+        try:
+            with open_npz(cache) as z:
+                if str(read_npy(z, "source")) == source:
+                    return read_npy(z, "mu"), read_npy(z, "sigma")
+        except ValueError:  # a damaged cache file: computed again and replaced
+            pass
     mu, sigma = compute()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +147,10 @@ def reference_stats(
     `cache_dir` (default: `default_cache_dir()`) as <name>.<hash of REF's absolute path>.<tag>.stats.npz,
     valid while REF's size and modification time (a folder's: also its listing) hold."""
     ref = Path(ref)
-    if tag.startswith("inception") and ref.suffix == ".npz":
-        with np.load(ref) as z:
-            if "mu" in z and "sigma" in z:
-                return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    if tag.startswith("inception") and ref.is_file():
+        with open_npz(ref) as z:
+            if {"mu.npy", "sigma.npy"} <= set(z.namelist()):
+                return read_npy(z, "mu").astype(np.float64), read_npy(z, "sigma").astype(np.float64)
     images = open_images(ref, key)
     where = str(ref.resolve())
     cache = (

@@ -32,6 +32,28 @@ def _npy_header(fp) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+def open_npz(path: str | Path) -> zipfile.ZipFile:
+    """An .npz file as the zip it is; ValueError naming it when it is not one (text, a pickle, truncated)."""
+    path = Path(path)
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with path.open("rb") as f:
+            cut = f.read(4) == b"PK\x03\x04"
+        raise ValueError(
+            f"{path} is not a complete .npz file (truncated or damaged)" if cut else f"{path} is not an .npz file"
+        ) from None
+
+
+def read_npy(zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    """Array `key` of an open npz, without pickle; ValueError naming the file when it does not read."""
+    try:
+        with zf.open(f"{key}.npy") as f:
+            return npy_format.read_array(f, allow_pickle=False)
+    except Exception:  # a damaged member, or an array of Python objects
+        raise ValueError(f"{zf.filename}: array {key!r} does not read (damaged, or not an array of numbers)") from None
+
+
 def write_npz(path: str | Path, batches: Iterable[np.ndarray], count: int, labels: np.ndarray | None) -> None:
     """Write `count` images from uint8 NHWC `batches` as `arr_0` (and `labels` as `arr_1`), one batch at a
     time, into an uncompressed npz that np.load and ADM's evaluator read; atomic (temporary file + rename)."""
@@ -85,12 +107,17 @@ class ImageSet:
             for i in range(0, self.count, batch_size):
                 yield np.stack([_read_image(p, self.shape) for p in self.files[i : i + batch_size]])
             return
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+        with open_npz(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             _npy_header(f)
             per_image = int(np.prod(self.shape))
             for i in range(0, self.count, batch_size):
                 n = min(batch_size, self.count - i)
-                yield np.frombuffer(bytearray(f.read(n * per_image)), np.uint8).reshape(n, *self.shape)
+                data = bytearray(f.read(n * per_image))
+                if len(data) < n * per_image:
+                    raise ValueError(
+                        f"{self.path}: {self.key} ends before image {i + len(data) // per_image + 1} (truncated)"
+                    )
+                yield np.frombuffer(data, np.uint8).reshape(n, *self.shape)
 
 
 def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -123,22 +150,22 @@ def open_images(path: str | Path, key: str | None = None) -> ImageSet:
         return ImageSet(path, None, len(files), shape, None, files)
     if not path.is_file():
         raise FileNotFoundError(f"image set not found: {path} (expected an .npz file or a folder of images)")
-    with zipfile.ZipFile(path) as zf:
+    with open_npz(path) as zf:
         names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         if key is None:
             key = next((k for k in IMAGE_KEYS if k in names), None)
         if key not in names:
             raise KeyError(f"{path}: no image array {key or ' / '.join(IMAGE_KEYS)}; arrays in the file: {names}")
-        with zf.open(f"{key}.npy") as f:
-            shape, dtype = _npy_header(f)
+        try:
+            with zf.open(f"{key}.npy") as f:
+                shape, dtype = _npy_header(f)
+        except (ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: array {key!r} does not read ({err})") from None
+        label_key = LABEL_KEYS.get(key)
+        labels = read_npy(zf, label_key).astype(np.int64) if label_key in names else None
     if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
         raise ValueError(f"{path}:{key} must be uint8 [N, H, W, C] with C in (1, 3) or [N, H, W]; got {dtype} {shape}")
     hwc = (shape[1], shape[2], shape[3] if len(shape) == 4 else 1)
-    label_key = LABEL_KEYS.get(key)
-    labels = None
-    if label_key in names:
-        with np.load(path) as z:
-            labels = z[label_key].astype(np.int64)
-        if labels.shape != (shape[0],):
-            raise ValueError(f"{path}: {label_key} has shape {labels.shape}, expected ({shape[0]},)")
+    if labels is not None and labels.shape != (shape[0],):
+        raise ValueError(f"{path}: {label_key} has shape {labels.shape}, expected ({shape[0]},)")
     return ImageSet(path, key, shape[0], hwc, labels)

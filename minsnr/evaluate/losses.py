@@ -101,7 +101,9 @@ def _step(path: Path) -> int | None:
     """The training step stored in a .pt checkpoint (memory-mapped: the weights are not read)."""
     if path.suffix != ".pt":
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step", 0))
+    from minsnr.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path, mmap=True).get("step", 0))
 
 
 def _run_name(path: Path) -> str:

@@ -30,7 +30,11 @@ def read_metric(run_dir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarra
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a run folder?)")
     points: dict[int, float] = {}
-    for record in read_records(path, lambda msg: print(msg, file=sys.stderr)):  # a bad line: error naming file, line
+    try:
+        records = read_records(path, lambda msg: print(msg, file=sys.stderr))  # a bad line: error naming file, line
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a metrics file (not text)") from None
+    for record in records:
         if metric in record:
             points[int(record["step"])] = float(record[metric])
     steps = np.array(sorted(points), dtype=np.float64)

@@ -65,8 +65,9 @@ def trained_class_names(checkpoint: str | Path) -> list[str]:
 
         with safe_open(str(p), framework="pt") as f:
             return list(json.loads((f.metadata() or {}).get("class_names", "[]")))
-    state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # the weights are not read
-    return list(state.get("class_names", []))
+    from minsnr.checkpoint import load_checkpoint
+
+    return list(load_checkpoint(p, mmap=True).get("class_names", []))  # mapped: the weights are not read
 
 
 def sampled_classes(checkpoint: str | Path, num_classes: int, say: bool = True) -> int:

@@ -17,7 +17,8 @@ def run_verb(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        what = err.args[0] if isinstance(err, KeyError) and err.args else err  # a KeyError's str() adds quotes
+        print(f"{prog}: error: {what}", file=sys.stderr)
         return 1
 
 

@@ -23,7 +23,6 @@ from minsnr.evaluate.util import HelpFormatter, check_ema_choice
 from minsnr.gram import Range, auto_block, gram_matrix, make_task_batch, sampled_ranges, task_losses
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
 from minsnr.pareto.compare import compare, cosine_matrix, instability, negative_cosine_fraction
-from minsnr.pareto.plots import LABELS, plot_cosines, plot_instability, plot_objectives
 from minsnr.timesteps import bins
 
 
@@ -71,6 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
+    from minsnr.pareto.plots import LABELS  # matplotlib (the plots extra): imported once the arguments parse
+
     best = results["frank_wolfe"]["objective"]
     lines = [f"{'weighting':<16}{'objective':>14}{'/ optimum':>11}  iterations"]
     for name, r in results.items():
@@ -139,6 +140,8 @@ def run_instability(args: argparse.Namespace, loaded: Loaded, ranges: list[Range
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from minsnr.pareto.plots import plot_cosines, plot_instability, plot_objectives  # not needed for --help
+
     try:
         loaded = load(args)
         report = run(args, loaded)

@@ -27,7 +27,6 @@ from minsnr.gram import Range, TaskBatch, make_task_batch, task_losses
 from minsnr.loss import diffusion_loss
 from minsnr.objective import drop_labels
 from minsnr.pareto.common import Loaded, add_common_args, draw, load, out_dir
-from minsnr.pareto.plots import plot_matrix
 from minsnr.timesteps import bins
 from minsnr.weighting import ADAPTIVE
 
@@ -154,6 +153,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from minsnr.pareto.plots import plot_matrix  # matplotlib (the plots extra): not needed for --help
+
     try:
         loaded = load(args)
         t_count = loaded.cfg.schedule.num_timesteps
