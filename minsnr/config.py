@@ -255,6 +255,7 @@ def validate(cfg: Config) -> None:
         "train.batch_size",
         "train.steps",
         "train.grad_accum",
+        "train.dist_timeout_min",
         "schedule.num_timesteps",
         "model.input_size",
         "model.in_channels",

@@ -2,13 +2,18 @@
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK. With WORLD_SIZE > 1, `setup` starts the process group
 (NCCL on GPUs, gloo on the CPU, or the backend asked for) and gives each rank the GPU of its LOCAL_RANK;
-with one process it starts nothing. `teardown` ends what `setup` started.
+with one process it starts nothing. `teardown` ends what `setup` started. `wait_for_rank0` runs work that
+rank 0 does alone (previews, evaluations) while the other ranks wait without a timeout.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +23,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPHING_MODES = ("reduce-overhead", "max-autotune")  # inductor captures its own CUDA graphs of the model
 ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # scaled_dot_product_attention backends; auto = torch's
 CPU_ATTENTION = ("auto", "flash", "math")
+POLL_MAX_S = 0.5  # wait_for_rank0: the longest sleep between two looks at the store
+
+T = TypeVar("T")
 
 
 class DeviceError(ValueError):
@@ -44,12 +52,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: str = "auto", backend: str | None = None) -> Dist:
-    """Rank, world size and this rank's device; starts the process group under torchrun."""
+def setup(device: str = "auto", backend: str | None = None, timeout_min: float | None = None) -> Dist:
+    """Rank, world size and this rank's device; starts the process group under torchrun. `timeout_min`: how long
+    a collective waits for the other ranks before it fails the job (train.dist_timeout_min; None: torch's
+    default, 10 minutes for NCCL)."""
     want = resolve_device(device)
     world, started = world_size(), False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if want.type == "cuda" else "gloo"))
+        timeout = None if timeout_min is None else datetime.timedelta(minutes=timeout_min)
+        dist.init_process_group(backend or ("nccl" if want.type == "cuda" else "gloo"), timeout=timeout)
         started = True
     rank = dist.get_rank() if world > 1 else 0
     if want.type == "cuda":
@@ -61,6 +72,34 @@ def setup(device: str = "auto", backend: str | None = None) -> Dist:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def wait_for_rank0(work: Callable[[], T], rank: int, world: int, tag: str) -> T | None:
+    """Run `work` on rank 0 alone (its result there, None on the other ranks) while the other ranks wait for
+    it as long as it takes.
+
+    Left alone, the other ranks would wait in their next collective, which fails the whole job after the
+    process group's timeout (train.dist_timeout_min): an evaluation longer than that killed the run. So they
+    wait here instead, with no collective pending: rank 0 sets a key of the process group's own store when
+    `work` ends (also when it raises), and the others look for the key, sleeping between looks (from 1 ms up
+    to POLL_MAX_S). A sleep loop rather than the store's blocking `wait`, which has a timeout of its own and
+    holds off Ctrl-C and SIGTERM; `monitored_barrier` times out too. If rank 0 dies, torchrun stops the
+    others. `tag` names this wait and must be the same on every rank; the key also carries torchrun's restart
+    count, so a restarted job never finds the key of an earlier attempt."""
+    if world == 1:
+        return work()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"minsnr/rank0_done/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{tag}"
+    if rank == 0:
+        try:
+            return work()
+        finally:
+            store.set(key, "1")
+    pause = 0.001
+    while not store.check([key]):
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_MAX_S)
+    return None
 
 
 def teardown() -> None:

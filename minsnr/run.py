@@ -99,7 +99,7 @@ def build_run(cfg: Config) -> Run:
     """Every part of the run `cfg` describes, on this process's device (torchrun: its rank's)."""
     cfg = with_model_args(cfg)
     t = cfg.train
-    d = setup(t.device)
+    d = setup(t.device, timeout_min=t.dist_timeout_min)
     device = d.device
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":

@@ -93,6 +93,9 @@ class TrainConfig:
         "auto"  # scaled_dot_product_attention backend; auto = torch's choice (minsnr.distributed.ATTENTION)
     )
     pareto_every: int = 0  # log the equation-11 objective every N steps; 0 disables
+    # minutes a collective waits for the other ranks before it fails the job (torchrun); rank 0's hooks
+    # (previews, evaluations) are waited for without a timeout (minsnr.distributed.wait_for_rank0)
+    dist_timeout_min: float = 30.0
 
 
 @dataclass

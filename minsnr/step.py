@@ -22,6 +22,7 @@ once) can add more. None of this is measured yet on a GPU by this project.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -86,6 +87,38 @@ def attention(backend: str) -> AbstractContextManager[Any]:
         "math": SDPBackend.MATH,
     }
     return sdpa_kernel(names[backend])
+
+
+class RecompileLines(logging.Handler):
+    """Each record of torch.compile's 'recompiles' log as one line through `say` (the run's log): the function
+    recompiled and the first guard that failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.say: Callable[[str], None] = print
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
+        why = [line[2:] for line in lines if line.startswith("- ")]
+        self.say(f"torch.compile: {lines[0] if lines else 'recompiling'}" + (f" ({why[0]})" if why else ""))
+
+
+RECOMPILES = RecompileLines()
+
+
+def report_recompiles(log: Callable[[str], None]) -> None:
+    """Say each torch.compile recompilation once, as one line of the run's log (`log`); otherwise they are
+    silent. torch._logging.set_logs(recompiles=True) turns on dynamo's 'recompiles' log (when TORCH_LOGS is
+    set, it decides instead), and its logger, torch._dynamo.guards.__recompiles, gets RECOMPILES in place of
+    torch's stderr handler, so a recompilation is not also said on stderr. Calling again re-routes the lines."""
+    import torch._dynamo.guards  # noqa: F401  importing it configures the logger: route it afterwards
+
+    if "TORCH_LOGS" not in os.environ:
+        torch._logging.set_logs(recompiles=True)
+    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+    RECOMPILES.say, logger.propagate = log, False
+    if RECOMPILES not in logger.handlers:
+        logger.addHandler(RECOMPILES)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -162,9 +195,10 @@ class StaticStep:
             except Exception as err:  # e.g. an op that cannot be captured: keep training, eagerly
                 self.capture, self.graph = False, None
                 self.zero_grad()
+                line = (str(err).splitlines() or [""])[0][:200]
                 self.log(
-                    f"CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                    "running the static step eagerly"
+                    f"CUDA graph capture failed ({type(err).__name__}: {line}); running the static step eagerly "
+                    "for the rest of the run (train.cuda_graph=false skips the attempt)"
                 )
         if self.graph is not None:
             self.graph.replay()
@@ -183,10 +217,23 @@ class StaticStep:
         return out
 
     def _capture(self) -> None:
+        """Capture the body as a CUDA graph. When the body fails during the capture (an op that cannot be captured,
+        e.g. torch.utils.checkpoint reading the CUDA RNG state under model.args.grad_checkpointing), capture_end
+        then fails too on the broken capture; that second error would hide the first, so the first is raised."""
         graph = torch.cuda.CUDAGraph()
         self.zero_grad()
-        # thread_local: the loader's pin-memory thread may allocate pinned memory meanwhile (global mode would
-        # invalidate the capture and poison that thread); kernels are captured by stream, backward's included
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            out = self.body(*self.buffers)  # type: ignore[misc]
+        first: Exception | None = None
+        try:
+            # thread_local: the loader's pin-memory thread may allocate pinned memory meanwhile (global mode would
+            # invalidate the capture and poison that thread); kernels are captured by stream, backward's included
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                try:
+                    out = self.body(*self.buffers)  # type: ignore[misc]
+                except Exception as err:
+                    first = err
+                    raise
+        except Exception:
+            if first is None:
+                raise
+            raise first from None
         self.graph, self.out = graph, out

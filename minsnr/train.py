@@ -31,6 +31,7 @@ import minsnr.checkpoint as ck
 import minsnr.resume as resume
 from minsnr.config import Config, dump_yaml
 from minsnr.coupling import assign_noise
+from minsnr.distributed import wait_for_rank0
 from minsnr.ema import ema_decay, update_ema
 from minsnr.objective import drop_labels
 from minsnr.run import Run, build_run
@@ -38,7 +39,7 @@ from minsnr.runlog import BinStats, MetricsLog
 from minsnr.schedule import Schedule
 from minsnr.seeds import derive_seed
 from minsnr.state import TrainState
-from minsnr.step import StaticStep, attention, set_lr
+from minsnr.step import StaticStep, attention, report_recompiles, set_lr
 
 # Progress: tqdm's bar when stderr, where it draws, is a terminal; in a file (Slurm, nohup, CI) a bar is a wall of
 # carriage returns, so there rank 0 prints one plain line (step, loss, img/s, ETA) to stdout at a metrics read
@@ -106,6 +107,8 @@ class Trainer:
         self._resume()
         self.ddp = self._wrap_ddp(self.model)
         self.net = torch.compile(self.ddp, mode=cfg.train.compile_mode) if cfg.train.compile else self.ddp
+        if cfg.train.compile:
+            report_recompiles(self._print)
         self.gen = torch.Generator(device=self.device)  # reseeded from (seed, step, micro) every micro-step
         self.stats = BinStats(cfg.schedule.num_timesteps, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -279,14 +282,18 @@ class Trainer:
         return metrics
 
     def _run_hooks(self, final: bool) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if self.rank != 0:
-            return metrics
-        ctx = HookContext(
-            self.step, self.model, self.ema, self.cfg, self.schedule, self.device, self.run_dir, self.dataset
-        )
-        for hook in self.hooks:
-            if hook.every > 0 and (self.step % hook.every == 0 or final):
+        """The hooks due at this step, on rank 0; under DDP the other ranks wait for them without a timeout
+        (`wait_for_rank0`), so every rank must be given the same hooks (`minsnr train` builds them on each)."""
+        due = [hook for hook in self.hooks if hook.every > 0 and (self.step % hook.every == 0 or final)]
+        if not due:
+            return {}
+
+        def run_due() -> dict[str, float]:
+            metrics: dict[str, float] = {}
+            ctx = HookContext(
+                self.step, self.model, self.ema, self.cfg, self.schedule, self.device, self.run_dir, self.dataset
+            )
+            for hook in due:
                 try:
                     metrics.update(hook.fn(ctx) or {})
                 except StopTraining:
@@ -297,7 +304,9 @@ class Trainer:
                         f"warning: {name} failed at step {self.step} ({type(err).__name__}: {err}); "
                         "training goes on without its output"
                     )
-        return metrics
+            return metrics
+
+        return wait_for_rank0(run_due, self.rank, self.world, f"hooks/{self.step}") or {}
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested, self.stop_signal = True, signum

@@ -86,17 +86,17 @@ def test_device_batches_upload_the_order_once_per_epoch(monkeypatch):
 def test_choose_path():
     arrays, cuda = random_dataset(), torch.device("cuda")
     size = arrays.images.nbytes + arrays.labels.nbytes
-    assert choose_path(None, arrays, cuda, free_bytes=4 * size)[0] is True
-    on, why = choose_path(None, arrays, cuda, free_bytes=4 * size - 1)
+    assert choose_path(None, arrays, cuda, total_bytes=4 * size)[0] is True
+    on, why = choose_path(None, arrays, cuda, total_bytes=4 * size - 1)
     assert on is False and "over 25%" in why
     assert choose_path(None, arrays, CPU)[0] is False
     assert choose_path(True, arrays, CPU) == (True, "train.data_on_device=true")
-    assert choose_path(False, arrays, cuda, free_bytes=10**12)[0] is False
+    assert choose_path(False, arrays, cuda, total_bytes=10**12)[0] is False
 
     class Folder:  # any dataset that is not an ArrayDataset
         pass
 
-    assert choose_path(None, Folder(), cuda, free_bytes=10**12) == (False, "Folder is read by the host loader")
+    assert choose_path(None, Folder(), cuda, total_bytes=10**12) == (False, "Folder is read by the host loader")
     with pytest.raises(ValueError, match="train.data_on_device=true needs array data"):
         choose_path(True, Folder(), cuda)
 

@@ -40,7 +40,7 @@ class Job:
 
 
 def _launch(
-    spec: RunSpec, seed: int, config_path: Path, cores: list[int], pin: bool, threads: int, bin_images: int
+    spec: RunSpec, seed: int, config_path: Path, cores: list[int], pin: bool, threads: int, bin_images: int, jobs: int
 ) -> Job:
     root = str(Path(__file__).resolve().parents[2])  # the children import this same minsnr
     env = {
@@ -48,6 +48,7 @@ def _launch(
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TQDM_MININTERVAL": "30",
+        "MINSNR_PROCS_PER_GPU": str(jobs),  # the runs share one GPU: each keeps data there only if all fit
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     }
     cmd = [
@@ -95,7 +96,7 @@ def run_all(
             while queue and free:
                 slot = free.pop(0)
                 spec, seed, path = queue.pop(0)
-                running[slot] = _launch(spec, seed, path, pool[slot], pin, len(pool[slot]), bin_images)
+                running[slot] = _launch(spec, seed, path, pool[slot], pin, len(pool[slot]), bin_images, jobs)
                 where = f"cores {pool[slot]}" if pin else "unpinned"
                 print(
                     f"[{time.perf_counter() - t0:6.0f} s] started  {label(spec, seed)} ({where}, "

@@ -13,13 +13,16 @@ with the loader's workers keeping up.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from minsnr.data.arrays import ArrayDataset, to_batch
 from minsnr.data.base import ImageDataset
 from minsnr.data.loader import Batches, make_sharding
 
-FIT_FRACTION = 0.25  # auto: keep the data on the GPU when it takes at most this share of free memory
+FIT_FRACTION = 0.25  # auto: keep the data on the GPU when it takes at most this share of this process's memory
+PROCS_ENV = "MINSNR_PROCS_PER_GPU"  # processes sharing one GPU; `minsnr compare` sets it for its concurrent runs
 
 
 class DeviceBatches:
@@ -89,13 +92,27 @@ class DeviceBatches:
         return self.batches_per_epoch
 
 
+def procs_per_gpu() -> tuple[int, str]:
+    """(processes sharing this process's GPU, where that number comes from): MINSNR_PROCS_PER_GPU when set
+    (`minsnr compare` sets it to its number of concurrent runs; set it yourself for runs started together by
+    hand), else 1: torchrun gives each rank a GPU of its own (cuda:LOCAL_RANK)."""
+    value = os.environ.get(PROCS_ENV, "").strip()
+    if not value:
+        return 1, "1 process"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{PROCS_ENV}={value!r} must be a whole number >= 1 (processes sharing one GPU)")
+    return int(value), f"{value} processes ({PROCS_ENV})"
+
+
 def choose_path(
-    setting: bool | None, dataset: ImageDataset, device: torch.device, free_bytes: int | None = None
+    setting: bool | None, dataset: ImageDataset, device: torch.device, total_bytes: int | None = None
 ) -> tuple[bool, str]:
     """(keep the data on `device`?, why) for train.data_on_device = `setting` (None: auto).
 
-    Auto keeps array data on a CUDA device when it takes at most FIT_FRACTION of the free memory
-    (`free_bytes`, read from the device when None); explicit true/false is obeyed for array data."""
+    Auto keeps array data on a CUDA device when it takes at most FIT_FRACTION of the device's total memory
+    (`total_bytes`, read from the device when None) divided by the processes sharing it (`procs_per_gpu`).
+    Not of its free memory: runs started together each see the memory free and together would run out.
+    Explicit true/false is obeyed for array data."""
     if not isinstance(dataset, ArrayDataset):
         if setting:
             raise ValueError(
@@ -108,11 +125,11 @@ def choose_path(
         return setting, f"train.data_on_device={str(setting).lower()}"
     if device.type != "cuda":
         return False, f"auto on {device.type}: the host loader"
-    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-    share = f"{size / 2**20:.0f} MiB = {100 * size / max(free, 1):.1f}% of {free / 2**30:.1f} GiB free"
-    if size > FIT_FRACTION * free:
-        return False, f"{share}, over {FIT_FRACTION:.0%}: the host loader"
-    return True, share
+    total = torch.cuda.get_device_properties(device).total_memory if total_bytes is None else total_bytes
+    procs, who = procs_per_gpu()
+    fits = size <= FIT_FRACTION * total / procs
+    verdict = "fits in" if fits else "is over"
+    return fits, f"{size / 2**20:.1f} MiB {verdict} {FIT_FRACTION:.0%} of {total / 2**30:.1f} GiB / {who}"
 
 
 def make_batches(
