@@ -154,9 +154,10 @@ LEVEL_NAMES = {"quarter": "1/4", "half": "1/2", "end": "end"}
 def rank(runs: dict[str, dict[str, Any]], ref: dict[str, Any], horizon: int) -> list[dict[str, Any]]:
     """Candidates (name -> seed_run at this rung) best first: first by the deepest of the reference's levels
     (its smoothed score at 1/4, 1/2, the end of the horizon) the run reaches within the horizon, then by its
-    speed-up there (minsnr.compare.verdict.readings: smoothed curves; a `>=` bound at its value). A run that
+    speed-up there (minsnr.compare.verdict.readings: smoothed curves; a `>=` bound at its value), then by its
+    smoothed score at the horizon (what orders the runs that reach no level, early in training). A run that
     never reaches the reference's final score is slower there for certain (the verdict's rule), so it ranks
-    below every run that does, however fast it started; a failed run ranks last."""
+    below every run that does, however fast it started; a diverged run ranks last."""
     ref_curve = (np.array(ref["steps"]), np.array(ref["values"]))
     curves = [np.log(r["values"]) for r in [ref, *runs.values()] if len(r["values"])]
     noise = verdict.plateau_noise(curves)
@@ -169,10 +170,27 @@ def rank(runs: dict[str, dict[str, Any]], ref: dict[str, Any], horizon: int) -> 
         levels = {k: {"speedup": r.speedup, "bound": r.bound} for k, r in got.items()}
         final = run["values"][-1] if run["values"] else None
         score = got[depth].speedup if depth else 0.0
-        out.append(
-            {"name": name, "depth": depth, "score": score, "levels": levels, "final": final, "status": run["status"]}
+        # ties (above all: runs that reach no level) go to the better smoothed score at the horizon
+        end = (
+            float(verdict.smooth(np.log(run["values"]))[-1])
+            if run["values"] and run["status"] != "diverged"
+            else np.inf
         )
-    return sorted(out, key=lambda r: (-(DEPTH.index(r["depth"]) + 1 if r["depth"] else 0), -r["score"], r["name"]))
+        out.append(
+            {
+                "name": name,
+                "depth": depth,
+                "score": score,
+                "levels": levels,
+                "final": final,
+                "smoothed_end": float(np.exp(end)),
+                "status": run["status"],
+            }
+        )
+    return sorted(
+        out,
+        key=lambda r: (-(DEPTH.index(r["depth"]) + 1 if r["depth"] else 0), -r["score"], r["smoothed_end"], r["name"]),
+    )
 
 
 def rung_config(base: Config, horizon: int, eval_every: int) -> Config:
@@ -239,6 +257,14 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
         raise ConfigError(f"--finalists {finalists}: keep at least 1")
     base, notes = check_base(base)
     targets = prepare(base, settings, budget, finalists)
+    for target, v in targets.items():
+        first = v["plan"]["horizons"][0]
+        if first < 2 * base.optim.warmup_steps:
+            print(
+                f"warning: {target}: the first round ends at {first} steps, within twice the learning-rate warm-up "
+                f"({base.optim.warmup_steps}): its ranking reads early, noisy scores; a larger --search budget or "
+                "fewer candidates give a longer first round"
+            )
     metric = resolve_metric(base, settings)
     run_dir = Path(base.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
