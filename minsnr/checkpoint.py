@@ -18,7 +18,6 @@ import os
 import random
 import re
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +30,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from minsnr.config import Config, from_dict, to_dict
-from minsnr.files import WriteError, atomic_write, fsync_dir
+from minsnr.files import WriteError, atomic_write, fsync_dir, truncated_zip
 from minsnr.models import build_model
 
 VERSION = 1
@@ -65,14 +64,8 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> Any:
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {p}: {err.strerror or err}") from None
     except Exception:  # a text file, a foreign pickle, a truncated file: torch's message would advise unsafe loading
-        what = "a complete minsnr checkpoint (truncated or damaged)" if _truncated_zip(p) else "a minsnr checkpoint"
+        what = "a complete minsnr checkpoint (truncated or damaged)" if truncated_zip(p) else "a minsnr checkpoint"
         raise CheckpointError(f"cannot read checkpoint {p}: not {what}") from None
-
-
-def _truncated_zip(path: Path) -> bool:
-    """Starts like a zip file (torch.save's format) but has no readable end: cut short or damaged."""
-    with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(f)
 
 
 def read_step(path: Path) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -74,3 +75,9 @@ def write_json(path: Path, data: dict[str, Any], indent: int = 2) -> None:
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, or None when there is no such file."""
     return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def truncated_zip(path: Path) -> bool:
+    """Starts like a zip file (torch.save's and np.savez's format) but has no readable end: cut short or damaged."""
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(f)

@@ -8,7 +8,6 @@ digits: sklearn.datasets.load_digits, 1797 8x8 images with values 0..16 (scaled 
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 
 from minsnr.data.base import Fetched, ImageDataset
 from minsnr.data.transforms import Key, check_crop, flips, prepare, split_key, to_float
+from minsnr.files import truncated_zip
 
 DIGITS_TRAIN = 1617  # first 90% of the 1797 digits; the rest is the held-out test split
 
@@ -124,8 +124,7 @@ class Npz:
 
 def not_npz(path: Path) -> str:
     """Why `path` (a file np.load refused) is not an .npz file, in words."""
-    with path.open("rb") as f:
-        cut = f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(f)
+    cut = truncated_zip(path)
     return f"{path} is not a complete .npz file (truncated or damaged)" if cut else f"{path} is not an .npz file"
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
+from minsnr.data.arrays import not_npz
+
 IMAGE_KEYS = ("arr_0", "x_train", "images", "x")  # default npz key order
 LABEL_KEYS = {"arr_0": "arr_1", "x_train": "y_train", "x_test": "y_test", "images": "labels", "x": "y"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -38,11 +40,7 @@ def open_npz(path: str | Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        with path.open("rb") as f:
-            cut = f.read(4) == b"PK\x03\x04"
-        raise ValueError(
-            f"{path} is not a complete .npz file (truncated or damaged)" if cut else f"{path} is not an .npz file"
-        ) from None
+        raise ValueError(not_npz(path)) from None
 
 
 def read_npy(zf: zipfile.ZipFile, key: str) -> np.ndarray:
