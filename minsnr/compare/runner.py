@@ -23,6 +23,8 @@ import fcntl
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,8 @@ def load_state(run_dir: Path, base: Config, classifier: str, metric: str) -> dic
 
 
 def run_is_done(run_dir: Path, steps: int, bin_images: int) -> str | None:
-    """Why this run needs no launch ("finished", "diverged"), or None when it must (continue to) train."""
+    """Why this run needs no launch ("finished", "diverged"), or None when it must (continue to) train.
+    bin_images 0: no figure-6 losses are asked for (a search round)."""
     status = read_json(run_dir / STATUS)
     if status is None:
         return None
@@ -122,9 +125,10 @@ def run_is_done(run_dir: Path, steps: int, bin_images: int) -> str | None:
     if (
         status["state"] == "finished"
         and status["step"] >= steps
-        and losses is not None
-        and losses["step"] == status["step"]
-        and losses["num_images"] == bin_images
+        and (
+            bin_images == 0
+            or (losses is not None and losses["step"] == status["step"] and losses["num_images"] == bin_images)
+        )
     ):
         return "finished"
     return None
@@ -199,12 +203,20 @@ def compare(base: Config, settings: Settings, *, report_only: bool = False) -> t
     for note in notes:
         print(note)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "compare.lock").open("w") as lock:  # released on return, and when this process ends, however
+    with exclusive(run_dir / "compare.lock", "minsnr compare"):
+        return _locked(base, settings, specs, run_dir, metric)
+
+
+@contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold the lock file `path` (released on exit, and when this process ends, however); ConfigError naming
+    `what` when another process holds it."""
+    with path.open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another minsnr compare is running on {run_dir}; wait for it or stop it first") from None
-        return _locked(base, settings, specs, run_dir, metric)
+            raise ConfigError(f"another {what} is running on {path.parent}; wait for it or stop it first") from None
+        yield
 
 
 def _locked(

@@ -40,9 +40,10 @@ from minsnr.compare.presets import RunSpec, Settings, parse_weighting, run_confi
 from minsnr.compare.report import seed_run
 from minsnr.config import Config, ConfigError, dump_yaml
 from minsnr.files import read_json, write_json
-from minsnr.schedule import make_schedule
-from minsnr.timesteps import SEARCH_VARIANTS, TIMESTEPS, make_timesteps, parse_timesteps
-from minsnr.weighting import ADAPTIVE, STRATEGIES, loss_weight
+from minsnr.loss import TrainingLoss
+from minsnr.schedule import Schedule, make_schedule
+from minsnr.timesteps import SEARCH_VARIANTS, TIMESTEPS, parse_timesteps
+from minsnr.weighting import ADAPTIVE, STRATEGIES
 
 STATE = "search.json"
 FORMAT = "minsnr-search/1"
@@ -75,32 +76,34 @@ def candidate_tokens(weightings: list[str] | None, timesteps: list[str] | None) 
             heads += [f"{name}:{value:g}" for value in entry.grid]
     tokens = []
     for law in laws:
+        same_objective = TIMESTEPS[parse_timesteps(law)[0]].same_objective
         for head in heads:
-            dist = parse_timesteps(law)[0]
-            if head.partition(":")[0] in ADAPTIVE and TIMESTEPS[dist].same_objective:
+            if head.partition(":")[0] in ADAPTIVE and same_objective:
                 continue
             tokens.append(head if law == "uniform" else f"{head}@{law}")
     return tokens
 
 
-def _loss_key(spec: RunSpec, base: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The target-space weight times the importance correction, and the pmf of t; None when stateful."""
+def _loss_key(spec: RunSpec, base: Config, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the run's TrainingLoss weights each timestep by (its weight table times the importance correction)
+    and the pmf it draws t from; None for a stateful weighting or a noise coupling (no fixed loss to compare)."""
     if spec.weighting in ADAPTIVE or spec.noise:
         return None
-    schedule = make_schedule(base.schedule.name, base.schedule.num_timesteps)
     name, args = parse_timesteps(spec.timesteps) if spec.timesteps else (base.loss.timesteps, base.loss.timestep_args)
-    ts = make_timesteps(name, schedule, spec.weighting, spec.gamma, spec.target, args)
-    snr = schedule.snr(torch.arange(schedule.num_timesteps))
-    return loss_weight(snr, spec.weighting, spec.gamma, spec.target) * ts.correction.double(), ts.pmf
+    loss = TrainingLoss(
+        schedule, target=spec.target, weighting=spec.weighting, gamma=spec.gamma, timesteps=name, timestep_args=args
+    )
+    return loss.weight_table * loss.timesteps.correction.double(), loss.timesteps.pmf
 
 
 def distinct(specs: list[RunSpec], base: Config, reference: RunSpec) -> tuple[list[RunSpec], dict[str, str]]:
     """The specs without those whose loss equals an earlier one's (or the reference's) at every timestep
     (relative tolerance 1e-9); -> (kept, {dropped name: the name it equals})."""
-    kept: list[tuple[RunSpec, Any]] = [(reference, _loss_key(reference, base))]
+    schedule = make_schedule(base.schedule.name, base.schedule.num_timesteps)
+    kept: list[tuple[RunSpec, Any]] = [(reference, _loss_key(reference, base, schedule))]
     same: dict[str, str] = {}
     for spec in specs:
-        key = _loss_key(spec, base)
+        key = _loss_key(spec, base, schedule)
         twin = next(
             (
                 other.name
@@ -210,13 +213,6 @@ def token(spec: RunSpec) -> str:
     return head + (f"@{spec.timesteps}" if spec.timesteps else "") + (f"+{spec.noise}" if spec.noise else "")
 
 
-def _done(folder: Path, horizon: int) -> bool:
-    status = read_json(folder / "compare_status.json")
-    return status is not None and (
-        status["state"] == "diverged" or (status["state"] == "finished" and int(status["step"]) >= horizon)
-    )
-
-
 def _at(run: dict[str, Any], horizon: int) -> dict[str, Any]:
     """A seed_run cut at `horizon` (a later rerun with a larger budget may have trained further)."""
     keep = [i for i, s in enumerate(run["steps"]) if s <= horizon]
@@ -245,13 +241,12 @@ def prepare(base: Config, settings: Settings, budget: int, finalists: int) -> di
 def search(base: Config, settings: Settings, budget: int, finalists: int) -> tuple[int, dict[str, Any]]:
     """Successive halving per target (module docstring), then the seeded race of the finalists. -> (exit
     code, the search's state)."""
-    import fcntl
     import os
 
     from minsnr.compare.classifier import ensure_classifier, resolve_metric
     from minsnr.compare.pool import run_all, slots
     from minsnr.compare.presets import check_base
-    from minsnr.compare.runner import compare
+    from minsnr.compare.runner import compare, exclusive, run_is_done
 
     if finalists < 1:
         raise ConfigError(f"--finalists {finalists}: keep at least 1")
@@ -270,11 +265,7 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
     run_dir.mkdir(parents=True, exist_ok=True)
     for note in notes:
         print(note)
-    with (run_dir / "search.lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another minsnr compare --search is running on {run_dir}") from None
+    with exclusive(run_dir / "search.lock", "minsnr compare --search"):
         on_gpu = base.train.device != "cpu" and torch.cuda.is_available()
         classifier = ensure_classifier(base, settings, metric, run_dir, "cuda" if on_gpu else "cpu")
         state = _load(run_dir, base, budget, finalists, metric, targets)
@@ -296,7 +287,7 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
                         rung_config(base, horizon, every), spec, run_dir / "search", classifier, threads, seed, metric
                     )
                     folder = Path(cfg.run_dir)
-                    if _done(folder, horizon):
+                    if run_is_done(folder, horizon, 0):
                         continue
                     folder.mkdir(parents=True, exist_ok=True)
                     dump_yaml(cfg, folder / "config.yaml")
