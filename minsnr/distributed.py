@@ -9,11 +9,13 @@ rank 0 does alone (previews, evaluations) while the other ranks wait without a t
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -63,10 +65,27 @@ def setup(device: str = "auto", backend: str | None = None, timeout_min: float |
         dist.init_process_group(backend or ("nccl" if want.type == "cuda" else "gloo"), timeout=timeout)
         started = True
     rank = dist.get_rank() if world > 1 else 0
+    note = restart_store_note()
+    if note and rank == 0 and started:
+        print(note, file=sys.stderr, flush=True)
     if want.type == "cuda":
         want = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if world > 1 else (want.index or 0))
         torch.cuda.set_device(want)
     return Dist(rank, world, want, started)
+
+
+def restart_store_note() -> str | None:
+    """A warning when torchrun would restart a failed group on the rendezvous store it shares with the process
+    group: the restarted ranks then read their peers' addresses from the failed attempt and cannot connect
+    (seen with gloo on torch 2.14; pytorch issue 135712), so the restart that --max-restarts promises fails."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    return (
+        "warning: torchrun shares its rendezvous store with the training processes, and a restart after a failure "
+        "then cannot connect (pytorch issue 135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 where torchrun starts "
+        "(examples/slurm/minsnr.sbatch does)"
+    )
 
 
 def barrier(world: int) -> None:
@@ -102,7 +121,43 @@ def wait_for_rank0(work: Callable[[], T], rank: int, world: int, tag: str) -> T 
     return None
 
 
+class StopVote:
+    """Agree on stopping. A signal (Ctrl-C, SIGTERM, Slurm's pre-emption notice SIGUSR1) reaches each rank at its
+    own moment, yet every rank must stop after the same step, since saving a checkpoint is a collective. Each
+    call all-reduces (MAX) this rank's signal number (0: none) without waiting and returns the value reduced by
+    the previous call: every rank reads the same value at the same call, and the host waits only for a reduction
+    that the previous step has finished, not for the step in flight. One process: the signal itself, at once."""
+
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world, self.device = world, device
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, signum: int) -> int:
+        if self.world == 1:
+            return signum
+        decided = self.close()
+        flag = torch.full((), signum, dtype=torch.long, device=self.device)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return decided
+
+    def close(self) -> int:
+        """Wait for the reduction in flight; its value (0 when none)."""
+        if self.pending is None:
+            return 0
+        (work, flag), self.pending = self.pending, None
+        work.wait()
+        return int(flag.item())
+
+
 def teardown() -> None:
-    """End the process group if one is running (also after a failure on one rank)."""
+    """End the process group if one is running (also after a failure on one rank).
+
+    Whatever still holds the group is collected first: a finished Trainer sits in reference cycles (bound
+    methods it hands to its parts) with its DDP wrapper, which keeps the group's C++ object alive past
+    `destroy_process_group`. Left to the interpreter's exit, gloo's worker threads are torn down during
+    finalization, and that aborted a finished rank now and then ('terminate called without an active
+    exception', exit 134) under torchrun and ckpt-chaos --ranks 2."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()

@@ -31,7 +31,7 @@ import minsnr.checkpoint as ck
 import minsnr.resume as resume
 from minsnr.config import Config, dump_yaml
 from minsnr.coupling import assign_noise
-from minsnr.distributed import wait_for_rank0
+from minsnr.distributed import StopVote, wait_for_rank0
 from minsnr.ema import ema_decay, update_ema
 from minsnr.objective import drop_labels
 from minsnr.run import Run, build_run
@@ -45,6 +45,9 @@ from minsnr.step import StaticStep, attention, report_recompiles, set_lr
 # carriage returns, so there rank 0 prints one plain line (step, loss, img/s, ETA) to stdout at a metrics read
 # (every log.every steps), at most one per PLAIN_EVERY_S seconds, and always at the last step.
 PLAIN_EVERY_S = 30.0
+# Each saves a checkpoint after the current step and stops the run; SIGUSR1 is the pre-emption notice that
+# Slurm sends ahead of a time limit (sbatch --signal=USR1@120; examples/slurm/minsnr.sbatch).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -310,7 +313,15 @@ class Trainer:
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested, self.stop_signal = True, signum
-        self._print(f"signal {signum}: saving a checkpoint after this step, then stopping")
+        self._print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+
+    def _agreed_stop(self) -> bool:
+        """Stop now? Under DDP every rank stops after the same step (saving is a collective): see StopVote."""
+        decided = self._vote(self.stop_signal)
+        if decided and not self.stop_requested:  # another rank got the signal: stop with it
+            self.stop_requested, self.stop_signal = True, decided
+            self._print(f"{signal.Signals(decided).name} on another rank: saving a checkpoint, then stopping")
+        return decided != 0
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -320,7 +331,8 @@ class Trainer:
             dump_yaml(cfg, self.run_dir / "config.yaml")
             log = MetricsLog(self.run_dir, self.step, cfg.log.tensorboard, say=self._print)
         self.saved_step, self.stop_signal = self.step, 0  # the checkpoint resumed from needs no second save
-        old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._vote = StopVote(self.world, self.device)
+        old = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
         images_per_step = cfg.train.batch_size * cfg.train.grad_accum * self.world
         plain = not (sys.stderr and sys.stderr.isatty())  # see PLAIN_EVERY_S
         bar = tqdm(
@@ -330,7 +342,7 @@ class Trainer:
         tick, tick_step = time.perf_counter(), self.step
         start, start_step, said = tick, self.step, -float("inf")
         try:
-            while self.step < cfg.train.steps and not self.stop_requested:
+            while self.step < cfg.train.steps and not self._agreed_stop():
                 self.train_step()
                 bar.update(1)
                 final = self.step == cfg.train.steps
@@ -350,6 +362,7 @@ class Trainer:
                     tick, tick_step = time.perf_counter(), self.step  # hooks' time is not training time
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or final:
                     self.save()
+            self._vote.close()  # no rank leaves a collective pending
             if self.stop_requested and self.saved_step != self.step:
                 self.save()
             if self.world > 1:

@@ -257,7 +257,7 @@ def test_full_disk_is_one_line_naming_file_and_last_good_checkpoint(
     assert load_checkpoint(ckpts(tmp_path) / "latest.pt")["step"] == 4
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_interrupted_run_saves_and_exits_with_the_signal_status(tmp_path, capsys, monkeypatch, signum):
     """Issue 13 item 5: a stopped run is not a finished one: exit 128 + signal number, and say how to go on."""
     stop = Hook(1, lambda ctx: signal.raise_signal(signum) if ctx.step == 3 else None)
