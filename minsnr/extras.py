@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "torch.utils.tensorboard": ("tensorboard", "tensorboard"),
     "torch_fidelity": ("torch-fidelity", "fid"),
     "diffusers": ("diffusers", "latent"),
+    "submitit": ("submitit", "slurm"),
 }
 
 

@@ -122,7 +122,7 @@ def test_core_dependencies_are_the_demos_and_the_locks_pin_them():
     core = {_name(r) for r in PYPROJECT["dependencies"]}
     assert core == {"torch", "numpy", "omegaconf", "pyyaml", "tqdm", "safetensors", "pillow", "scikit-learn", "scipy"}
     extras = PYPROJECT["optional-dependencies"]
-    assert set(extras) == {"fid", "latent", "plots", "tensorboard", "test", "all"}
+    assert set(extras) == {"fid", "latent", "plots", "slurm", "tensorboard", "test", "all"}
     assert {"matplotlib", "tensorboard"} <= {_name(r) for e in ("plots", "tensorboard") for r in extras[e]}
     demo, full = _lock(ROOT / "requirements-demo.lock"), _lock(ROOT / "requirements.lock")
     assert core <= set(demo) and not [n for n in demo if n.startswith(("nvidia", "triton", "cuda"))]

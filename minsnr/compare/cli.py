@@ -16,6 +16,7 @@ minsnr.compare.verdict). A table, RUN_DIR/compare.json and RUN_DIR/compare.png. 
     minsnr compare cpu --targets eps --reference min_snr --weightings min_snr:1,min_snr:20,min_snr@importance
     minsnr compare cifar10 data.path=cifar20k.npz       # one GPU, see configs/compare/cifar10.yaml
     minsnr compare cpu --search 60k --targets eps --seeds 3   # which weighting? halving, then a seeded race
+    minsnr compare cifar10 --seeds 3 --executor slurm --slurm-partition gpu   # a Slurm job per run: docs/cluster_compare.md
 
 Exit codes: 0 every run finished or diverged (a divergence is a result, shown in the table), 1 a run
 failed with an error (its log: RUN_DIR/seed<S>/<run>/compare.log), 2 a bad config or setting, 130 interrupted.
@@ -26,8 +27,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minsnr.compare.presets import PRESETS, resolve
+from minsnr.compare.presets import PRESETS, Settings, resolve
+from minsnr.compare.slurm import EXECUTORS, check_options
 from minsnr.config import ConfigError, load_config
+from minsnr.extras import MissingExtra
 from minsnr.timesteps import TIMESTEPS
 from minsnr.weighting import WEIGHTINGS
 
@@ -41,6 +44,27 @@ def _list(text: str) -> list[str]:
             items.append(text[start:i].strip())
             start = i + 1
     return [t for t in items if t]
+
+
+SLURM_FLAGS = (
+    "slurm_partition",
+    "slurm_account",
+    "slurm_time",
+    "slurm_gpus",
+    "slurm_cpus",
+    "slurm_mem",
+    "slurm_folder",
+)
+
+
+def _check_executor(a: argparse.Namespace, settings: Settings) -> None:
+    """Executor flags that would be ignored, or a bad executor value, fail here: before anything trains."""
+    given = [f"--{n.replace('_', '-')}" for n in SLURM_FLAGS if getattr(a, n) is not None]
+    if settings.executor == "local" and given:
+        raise ConfigError(f"{given[0]} is for --executor slurm or submitit-local, not local")
+    if settings.executor != "local" and a.pin is not None:
+        raise ConfigError(f"--pin is for --executor local; under {settings.executor} each job has its own cores")
+    check_options(settings)
 
 
 def main(argv: list[str]) -> int:
@@ -83,7 +107,11 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--classifier-epochs", type=int, help="epochs of the auto classifier (default 8)")
     p.add_argument("--bin-images", type=int, help="held-out images for the final per-bin x0 MSE (default 1000)")
-    p.add_argument("--jobs", type=int, help="runs at a time (default: one per CPU core; on a GPU, all)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs at a time (default: one per CPU core; on a GPU, all; --executor slurm: jobs in the queue, all)",
+    )
     p.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
@@ -101,6 +129,32 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timesteps", type=_list, help="--search: the timestep laws to cross with, e.g. uniform,laplace")
     p.add_argument("--finalists", type=int, default=2, help="--search: candidates per target in the final race")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the runs; train nothing")
+    p.add_argument(
+        "--executor",
+        metavar="NAME",
+        help=f"where the runs train: {'; '.join(f'{k}: {v}' for k, v in EXECUTORS.items())} (default: local; "
+        "slurm needs pip install 'minsnr[slurm]'; see docs/cluster_compare.md). A rerun waits for the jobs "
+        "still in the queue and resubmits the runs whose job ended unfinished",
+    )
+    p.add_argument("--slurm-partition", metavar="NAME", help="--executor slurm: the partition (default: the cluster's)")
+    p.add_argument("--slurm-account", metavar="NAME", help="--executor slurm: the account to charge (default: yours)")
+    p.add_argument(
+        "--slurm-time",
+        type=int,
+        metavar="MINUTES",
+        help="--executor slurm: each job's time limit in minutes (default 1440); a run that outlives it saves "
+        "a checkpoint and its job is requeued",
+    )
+    p.add_argument("--slurm-gpus", type=int, metavar="N", help="--executor slurm: GPUs per job (default 1)")
+    p.add_argument(
+        "--slurm-cpus", type=int, metavar="N", help="--executor slurm: CPU cores per job, and its train.threads"
+    )
+    p.add_argument(
+        "--slurm-mem", metavar="SIZE", help="--executor slurm: memory per job as sbatch --mem takes it, e.g. 32G"
+    )
+    p.add_argument(
+        "--slurm-folder", metavar="DIR", help="--executor slurm: submitit's logs and pickles (default: RUN_DIR/slurm)"
+    )
     a = p.parse_intermixed_args(argv)
     try:
         path, settings = resolve(a.config)
@@ -118,11 +172,14 @@ def main(argv: list[str]) -> int:
             "pin",
             "seeds",
             "metric",
+            "executor",
+            *SLURM_FLAGS,
         ):
             if getattr(a, name) is not None:
                 setattr(settings, name, getattr(a, name))
         if settings.jobs < 0:
             raise ConfigError(f"--jobs {settings.jobs} must be >= 0 (0: automatic)")
+        _check_executor(a, settings)
         if a.search is not None:
             from minsnr.compare.search import parse_budget, search
 
@@ -148,6 +205,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"minsnr compare: error: {err}", file=sys.stderr)
         return 2
+    except MissingExtra as err:
+        print(f"minsnr compare: error: {err}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"minsnr compare: error: {err}", file=sys.stderr)
         return 1

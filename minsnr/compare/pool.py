@@ -69,7 +69,7 @@ def _launch(
     return Job(spec, seed, config_path, proc, log, cores, time.perf_counter())
 
 
-def _last_step(run_dir: Path) -> int:
+def last_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
@@ -132,7 +132,7 @@ def run_all(
                 print(
                     f"[{last_report - t0:6.0f} s] "
                     + "  ".join(
-                        f"{label(j.spec, j.seed)} {_last_step(j.config_path.parent)}/{steps}" for j in running.values()
+                        f"{label(j.spec, j.seed)} {last_step(j.config_path.parent)}/{steps}" for j in running.values()
                     ),
                     flush=True,
                 )

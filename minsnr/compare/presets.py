@@ -48,6 +48,17 @@ class Settings:
     candidates: list[str] | None = None
     search_timesteps: list[str] | None = None
     per_target: dict[str, list[str]] | None = None
+    # where the runs train (minsnr.compare.slurm.EXECUTORS): local subprocesses, one Slurm job per run through
+    # submitit, or those jobs on this machine (submitit-local); slurm_*: each job's resources (None: Slurm's
+    # default), its time limit in minutes, and the folder of submitit's logs (None: RUN_DIR/slurm)
+    executor: str = "local"
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_time: int = 1440
+    slurm_gpus: int = 1
+    slurm_cpus: int | None = None
+    slurm_mem: str | None = None
+    slurm_folder: str | None = None
 
 
 PRESETS: dict[str, Settings] = {

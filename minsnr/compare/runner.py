@@ -28,8 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from minsnr.compare.jobs import live_jobs
 from minsnr.compare.pool import Todo, label, run_all, slots
 from minsnr.compare.presets import RunSpec, Settings, check_base, run_config, run_matrix, seed_values
+from minsnr.compare.slurm import run_slurm
 from minsnr.compare.worker import LOSSES, STATUS
 from minsnr.config import Config, ConfigError, dump_yaml, to_dict
 from minsnr.files import read_json, write_json
@@ -237,7 +239,7 @@ def _locked(
     state["seeds"] = max(count, state["seeds"])
     classifier = ensure_classifier(base, settings, metric, run_dir, "cuda" if on_gpu else "cpu")
     jobs = settings.jobs or (len(specs) * count if on_gpu else min(len(specs) * count, len(cores)))
-    threads = base.train.threads or len(slots(jobs, cores)[0])  # fixed per comparison: results depend on it
+    threads, local = run_threads(base, settings, jobs, cores), settings.executor == "local"
     todo = prepare_runs(base, specs, seeds, settings.bin_images, run_dir, classifier, metric, threads, state)
     write_json(run_dir / STATE, state)
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -248,14 +250,18 @@ def _locked(
         print(
             f"{len(todo)} run(s) to train, {jobs} at a time on {'the GPU' if on_gpu else 'the CPU'} "
             f"({len(cores)} core(s){', pinned' if settings.pin else ''}); logs in {run_dir}/seed*/<run>/compare.log"
+            if local
+            else f"{len(todo)} run(s) to train as {settings.executor} jobs, "
+            f"{settings.jobs or 'all'} in the queue at a time; logs in {run_dir}/seed*/<run>/compare.log"
         )
         before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        finished = run_all(todo, jobs, cores, settings.pin, settings.bin_images, base.train.steps)
+        finished = train_runs(todo, settings, run_dir, jobs, cores, threads, settings.bin_images, base.train.steps)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         session = {
             "runs": [label(s, seed) for s, seed, _ in todo],
-            "jobs": jobs,
+            "executor": settings.executor,
+            "jobs": jobs if local else settings.jobs,
             "threads": threads,
             "wall_s": time.perf_counter() - start,
             "cpu_s": cpu,
@@ -270,6 +276,38 @@ def _locked(
         measure_sanity(check, metric, classifier, run_dir, state, device)
     code = _report(run_dir, specs, seeds, state, metric)
     return (130 if not finished else code), state["report"]
+
+
+def run_threads(base: Config, settings: Settings, jobs: int, cores: list[int]) -> int:
+    """CPU threads of every run, fixed per comparison since results depend on it: train.threads, else the cores
+    of one local slot (`jobs` runs at a time on `cores`), or a Slurm job's --slurm-cpus."""
+    if base.train.threads:
+        return base.train.threads
+    return len(slots(jobs, cores)[0]) if settings.executor == "local" else settings.slurm_cpus or 1
+
+
+def train_runs(
+    todo: list[Todo],
+    settings: Settings,
+    run_dir: Path,
+    jobs: int,
+    cores: list[int],
+    threads: int,
+    bin_images: int,
+    steps: int,
+) -> bool:
+    """Train `todo` with settings.executor: local subprocesses (pool.run_all, `jobs` at a time on `cores`) or
+    jobs through submitit (slurm.run_slurm). False when interrupted. A run whose recorded Slurm job still
+    trains is refused to the local executor: two trainers must never share a run folder."""
+    if settings.executor != "local":
+        return run_slurm(todo, settings, run_dir, threads, bin_images, steps)
+    busy = live_jobs(todo)
+    if busy:
+        raise ConfigError(
+            f"{', '.join(busy)} still train(s) as a submitted job; rerun with the --executor that submitted "
+            "it to wait for it, or cancel it first"
+        )
+    return run_all(todo, jobs, cores, settings.pin, bin_images, steps)
 
 
 def measure_sanity(

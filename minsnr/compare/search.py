@@ -244,9 +244,8 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
     import os
 
     from minsnr.compare.classifier import ensure_classifier, resolve_metric
-    from minsnr.compare.pool import run_all, slots
     from minsnr.compare.presets import check_base
-    from minsnr.compare.runner import compare, exclusive, run_is_done
+    from minsnr.compare.runner import compare, exclusive, run_is_done, run_threads, train_runs
 
     if finalists < 1:
         raise ConfigError(f"--finalists {finalists}: keep at least 1")
@@ -274,7 +273,7 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
         alive = {t: list(v["candidates"]) for t, v in targets.items()}
         seed = base.train.seed
         jobs = settings.jobs or (1 << 10 if on_gpu else len(cores))
-        threads = base.train.threads or len(slots(min(jobs, len(cores)), cores)[0])  # fixed: results depend on it
+        threads = run_threads(base, settings, min(jobs, len(cores)), cores)
         for r in range(max(len(v["plan"]["horizons"]) for v in targets.values())):
             todo, rung_of = [], {}
             for target, v in targets.items():
@@ -295,7 +294,10 @@ def search(base: Config, settings: Settings, budget: int, finalists: int) -> tup
             if todo:
                 print(f"search round {r + 1}: {len(todo)} run(s) to {sorted(set(rung_of.values()))} steps", flush=True)
                 start = time.perf_counter()
-                if not run_all(todo, min(jobs, len(todo)), cores, settings.pin, 0, max(rung_of.values())):
+                rounds = run_dir / "search"
+                if not train_runs(
+                    todo, settings, rounds, min(jobs, len(todo)), cores, threads, 0, max(rung_of.values())
+                ):
                     write_json(run_dir / STATE, state)
                     return 130, state
                 state["wall_s"] = state.get("wall_s", 0.0) + time.perf_counter() - start
