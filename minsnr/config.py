@@ -25,7 +25,7 @@ from minsnr.data.transforms import CROPS
 from minsnr.distributed import ATTENTION, COMPILE_MODES
 from minsnr.models import MODELS
 from minsnr.registry import did_you_mean
-from minsnr.sampling import SAMPLERS
+from minsnr.sampling import SAMPLERS, SPACINGS
 from minsnr.schedule import SCHEDULES
 from minsnr.schema import (
     DEVICES,
@@ -209,6 +209,7 @@ def choices() -> dict[str, Mapping[str, Any] | tuple[str, ...]]:
         "train.compile_mode": COMPILE_MODES,
         "train.attention": ATTENTION,
         "sample.sampler": SAMPLERS,
+        "sample.spacing": SPACINGS,
         "log.eval_metric": EVAL_METRICS,
     }
 
@@ -225,6 +226,18 @@ def validate(cfg: Config) -> None:
         _choice(key, getattr(getattr(cfg, section), name), valid)
     if cfg.sample.sigma_max is not None:
         _positive("sample.sigma_max", cfg.sample.sigma_max)
+    if cfg.schedule.zero_terminal_snr and cfg.loss.target == "eps":  # Lin et al. 2024, sec. 3.2
+        raise ConfigError(
+            "loss.target=eps with schedule.zero_terminal_snr=true: at SNR 0 the input is pure noise, so an eps "
+            "prediction cannot give x0; use loss.target=v or x0 (as Lin et al. do)"
+        )
+    if cfg.schedule.zero_terminal_snr and (cfg.loss.weighting == "learned" or cfg.log.eval_metric == "bpd"):
+        key = "loss.weighting=learned" if cfg.loss.weighting == "learned" else "log.eval_metric=bpd"
+        raise ConfigError(
+            f"{key} with schedule.zero_terminal_snr=true: not supported yet (it reads ln SNR(T-1) = -inf)"
+        )
+    if cfg.sample.spacing == "trailing" and cfg.sample.sigma_max is not None:
+        raise ConfigError("sample.sigma_max with sample.spacing=trailing: trailing steps start at t = T-1; unset one")
     if cfg.loss.gamma is not None and cfg.loss.weighting in STRATEGIES:
         try:
             check_parameter(cfg.loss.weighting, cfg.loss.gamma)

@@ -23,7 +23,7 @@ from minsnr.distributed import CPU_ATTENTION, setup
 from minsnr.ema import ema_copy
 from minsnr.loss import TrainingLoss
 from minsnr.models import build_model
-from minsnr.schedule import Schedule, make_schedule
+from minsnr.schedule import Schedule, schedule_of
 from minsnr.step import configure_threads, keep_run_settings, plan_step
 
 
@@ -112,7 +112,7 @@ def build_run(cfg: Config) -> Run:
         )
     dataset = build_dataset(cfg.data)
     check_data_fits(cfg, dataset)
-    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
+    schedule = schedule_of(cfg.schedule).to(device)
     loss = TrainingLoss.from_config(cfg, schedule)  # target, weight table, timesteps, learned/pareto state
     torch.manual_seed(t.seed)  # the same initial weights on every rank (and EMA copy)
     model = build_model(cfg.model).to(device)

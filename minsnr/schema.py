@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minsnr.coupling import DEFAULT_NOISE_ASSIGNMENT
-from minsnr.sampling import DEFAULT_SAMPLER
+from minsnr.sampling import DEFAULT_SAMPLER, DEFAULT_SPACING
 from minsnr.timesteps import DEFAULT_TIMESTEPS
 from minsnr.weighting import DEFAULT_TARGET, DEFAULT_WEIGHTING
 
@@ -43,6 +43,8 @@ class DataConfig:
 class ScheduleConfig:
     name: str = "cosine"  # a key of minsnr.schedule.SCHEDULES
     num_timesteps: int = 1000
+    # rescale to SNR(T-1) = 0 (Lin et al. 2024, Algorithm 1): needs loss.target v or x0; sampling starts from pure noise
+    zero_terminal_snr: bool = False
 
 
 @dataclass
@@ -123,6 +125,7 @@ class SampleConfig:
     # VE sigma where sampling starts; None: the schedule's largest (sigma_ve_max, 20,291 for cosine),
     # a larger value is capped there with a warning; EDM uses 80
     sigma_max: float | None = None
+    spacing: str = DEFAULT_SPACING  # a key of minsnr.sampling.SPACINGS: karras (EDM) or trailing (Lin et al. 2024)
 
 
 @dataclass

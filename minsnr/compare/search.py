@@ -41,7 +41,7 @@ from minsnr.compare.report import seed_run
 from minsnr.config import Config, ConfigError, dump_yaml
 from minsnr.files import read_json, write_json
 from minsnr.loss import TrainingLoss
-from minsnr.schedule import Schedule, make_schedule
+from minsnr.schedule import Schedule, schedule_of
 from minsnr.timesteps import SEARCH_VARIANTS, TIMESTEPS, parse_timesteps
 from minsnr.weighting import ADAPTIVE, STRATEGIES
 
@@ -99,7 +99,7 @@ def _loss_key(spec: RunSpec, base: Config, schedule: Schedule) -> tuple[torch.Te
 def distinct(specs: list[RunSpec], base: Config, reference: RunSpec) -> tuple[list[RunSpec], dict[str, str]]:
     """The specs without those whose loss equals an earlier one's (or the reference's) at every timestep
     (relative tolerance 1e-9); -> (kept, {dropped name: the name it equals})."""
-    schedule = make_schedule(base.schedule.name, base.schedule.num_timesteps)
+    schedule = schedule_of(base.schedule)
     kept: list[tuple[RunSpec, Any]] = [(reference, _loss_key(reference, base, schedule))]
     same: dict[str, str] = {}
     for spec in specs:

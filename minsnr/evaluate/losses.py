@@ -28,7 +28,7 @@ from minsnr.distributed import resolve_device
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice, run_verb
 from minsnr.extras import require
 from minsnr.loss import diffusion_loss
-from minsnr.schedule import make_schedule
+from minsnr.schedule import schedule_of
 from minsnr.seeds import derive_seed
 from minsnr.timesteps import bins as timestep_bins
 
@@ -69,7 +69,7 @@ def bin_losses(
 ) -> list[float]:
     """Mean unweighted x0 MSE per timestep range [k T/bins, (k+1) T/bins); a progress bar named `desc`
     over the bins when given."""
-    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
+    schedule = schedule_of(cfg.schedule).to(device)
     out = []
     ranges = tqdm(
         timestep_bins(schedule.num_timesteps, bins), desc=desc, unit="bin", disable=desc is None, dynamic_ncols=True

@@ -87,12 +87,12 @@ def make_bpd_scorer(cfg: Config, device: torch.device) -> Callable[..., dict[str
     held-out images (the test split, else training images, said once): the same images at every call, and the
     same timesteps and noise for the same seed."""
     from minsnr.evaluate.likelihood import bits_per_dim, held_out_images
-    from minsnr.schedule import make_schedule
+    from minsnr.schedule import schedule_of
 
     x, labels, split = held_out_images(cfg, cfg.log.eval_num)
     if split != "test":
         print(f"bits/dim: data.source={cfg.data.source} has no test split; scoring {len(x)} training images")
-    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps)
+    schedule = schedule_of(cfg.schedule)
     return lambda model, seed=cfg.train.seed: bits_per_dim(
         model, schedule, cfg.loss.target, x, labels, seed=seed, batch_size=cfg.train.batch_size, device=device
     )

@@ -34,8 +34,8 @@ from minsnr.config import Config
 from minsnr.distributed import barrier, teardown
 from minsnr.evaluate.images import ImageSet, to_uint8, write_npz
 from minsnr.evaluate.util import HelpFormatter, check_ema_choice, progress, run_verb
-from minsnr.sampling import SAMPLERS, generate
-from minsnr.schedule import make_schedule
+from minsnr.sampling import SAMPLERS, SPACINGS, generate
+from minsnr.schedule import schedule_of
 from minsnr.seeds import derive_seed
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -111,6 +111,7 @@ def sample_images(
     steps: int | None = None,
     cfg_scale: float | None = None,
     first: int = 0,
+    spacing: str | None = None,
 ) -> np.ndarray:
     """`num` uint8 [N, H, W, C] images from `model`: images first .. first + num - 1 of the sequence that
     `seed` defines (`image_noise`); sampler settings default to cfg.sample."""
@@ -119,7 +120,7 @@ def sample_images(
     y = None if labels is None else torch.as_tensor(labels, device=device)
     x = generate(
         model,
-        make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps),
+        schedule_of(cfg.schedule),
         cfg.loss.target,
         y,
         shape=(num, *shape),
@@ -128,6 +129,7 @@ def sample_images(
         cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
         num_classes=m.num_classes,
         sigma_max=s.sigma_max,
+        spacing=spacing or s.spacing,
         device=device,
         noise=image_noise(seed, first, num, shape),
     )
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> Path | None:
     settings = {
         k: str(v)
         for k, v in vars(args).items()
-        if k in ("checkpoint", "num", "sampler", "steps", "cfg_scale", "ema", "seed", "batch")
+        if k in ("checkpoint", "num", "sampler", "steps", "cfg_scale", "ema", "seed", "batch", "spacing")
     }
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,7 @@ def run(args: argparse.Namespace) -> Path | None:
             steps=args.steps,
             cfg_scale=args.cfg_scale,
             first=lo,
+            spacing=args.spacing,
         )
         tmp = folder / f"{i:06d}.tmp.npz"
         np.savez(tmp, images=images)
@@ -252,6 +255,12 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="default: the run's")
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
+    p.add_argument(
+        "--spacing",
+        choices=list(SPACINGS),
+        default=None,
+        help="karras (EDM) or trailing (Lin et al.); default: the run's",
+    )
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sample.cfg_scale")
     p.add_argument("--out", default="samples.npz", type=path, help="output npz (arr_0 images, arr_1 labels)")
     p.add_argument("--png-dir", default=None, type=path, help="also write every image as PNG (name: index_label)")

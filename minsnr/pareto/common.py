@@ -20,7 +20,7 @@ from minsnr.config import Config, ConfigError, apply_overrides
 from minsnr.data import build_dataset, labels_for
 from minsnr.data.base import ImageDataset
 from minsnr.distributed import resolve_device
-from minsnr.schedule import Schedule, make_schedule
+from minsnr.schedule import Schedule, schedule_of
 
 
 @dataclass
@@ -75,7 +75,7 @@ def load(args: argparse.Namespace) -> Loaded:
             f"data items have shape {tuple(dataset.shape)} but the model takes "
             f"{(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)}"
         )
-    schedule = make_schedule(cfg.schedule.name, cfg.schedule.num_timesteps).to(device)
+    schedule = schedule_of(cfg.schedule).to(device)
     return Loaded(model, cfg, schedule, dataset, device)
 
 
