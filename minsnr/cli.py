@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "encode": ("minsnr.data.latent", "encode an image dataset into SD-VAE latents"),
     "pareto": ("minsnr.pareto.cli", "Pareto objective of weightings on a model (figures 3 and 4)"),
     "conflict": ("minsnr.pareto.conflict", "fine-tune on timestep ranges, loss change heat map (figure 2)"),
+    "export": ("minsnr.integrations.export", "a run's EMA weights as a diffusers pipeline or a .safetensors file"),
 }
 
 

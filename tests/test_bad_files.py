@@ -80,7 +80,7 @@ CHECKPOINT_WHAT = {
 
 CHECKPOINT_CASES = [
     (verb, f"{kind}{suffix}")
-    for verb in ("sample", "losses", "pareto", "conflict", "train")
+    for verb in ("sample", "losses", "pareto", "conflict", "train", "export")
     for suffix in (".pt", ".safetensors")
     for kind in KINDS
     if (kind != "objects" or suffix == ".pt") and (verb != "train" or suffix == ".pt")
@@ -96,10 +96,11 @@ def test_a_checkpoint_that_is_not_one(verb, name, files, tmp_path, capsys):
         "pareto": [str(bad), "--out", str(tmp_path / "p"), "--device", "cpu"],
         "conflict": [str(bad), "--out", str(tmp_path / "c"), "--device", "cpu"],
         "train": ["quickstart", f"resume={bad}", f"run_dir={tmp_path / 'run'}", "train.steps=1"],
+        "export": [str(bad), "--to", "diffusers", str(tmp_path / "e")],
     }[verb]
     code = 2 if verb in ("pareto", "conflict") else 1
     assert_one_line(run([verb, *argv], capsys), code, verb, bad, CHECKPOINT_WHAT[bad.suffix])
-    assert not (tmp_path / "s.npz").exists()
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "e").exists()
 
 
 NPZ_WHAT = {

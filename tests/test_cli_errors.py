@@ -53,6 +53,7 @@ MINIMAL = {
     "encode": ["--data", "d", "--out", "o"],
     "pareto": ["c.pt"],
     "conflict": ["c.pt"],
+    "export": ["r", "o", "--to", "diffusers"],
     "minsnr.quickcheck": [],
 }
 
@@ -89,6 +90,7 @@ HOME_PATHS = {
     "encode": ["--data", "~/imgs", "--out", "~/lat", "--vae", "~/vae"],
     "pareto": ["~/c.pt", "--data", "~/d.npz", "--out", "~/p"],
     "conflict": ["~/c.pt", "--data", "~/d.npz", "--out", "~/p"],
+    "export": ["~/run", "~/out", "--to", "diffusers"],
     "minsnr.quickcheck": ["~/run"],
 }
 

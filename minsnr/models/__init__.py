@@ -1,4 +1,5 @@
-"""Backbones by name: the paper's vanilla ViTs (table 6) and the ADM UNet (appendix C.1).
+"""Backbones by name: the paper's vanilla ViTs (table 6), the ADM UNet (appendix C.1), and a diffusers
+UNet2DModel (`diffusers_unet2d`, for runs to export to diffusers; diffusers is imported only when one is built).
 
 model = create_model("vit_b", input_size=32, in_channels=4, num_classes=1000, patch_size=2)
 x0_hat = model(x_t, t, labels)  # x_t [B, C, H, W], t [B] in [0, T): int64 in training, fractional float when sampling, labels long [B] or None
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from minsnr.models.diffusers_unet2d import SMALL, DiffusersUNet2D
 from minsnr.models.unet import UNet
 from minsnr.models.vit import ViT
 from minsnr.registry import lookup
@@ -35,6 +37,7 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         UNet,
         dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2),
     ),  # CPU tests, 8x8 inputs
+    "diffusers_unet2d": (DiffusersUNet2D, SMALL),  # diffusers.UNet2DModel (minsnr[latent]); 8x8 inputs and up
 }
 
 

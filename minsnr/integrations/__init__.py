@@ -1,0 +1,1 @@
+"""Bridges to other training stacks (diffusers): each imports its library only when used."""
