@@ -5,7 +5,10 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from minsnr.evaluate.classifier import load_labelled, save_classifier, train_classifier  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -27,3 +30,17 @@ def torchrun(*minsnr_args: str, ranks: int = 2, cwd: object = None, timeout: flo
     return subprocess.run(
         [*cmd, "-m", "minsnr", *minsnr_args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> str:
+    """A digits classifier for the races of the compare tests (fid_cls), trained for one epoch: trained for one epoch:
+    enough to score, cheap to make."""
+    x, y, _, _ = load_labelled("digits")
+    stem = tmp_path_factory.mktemp("clf") / "digits"
+    save_classifier(
+        train_classifier(x, y, epochs=1),
+        stem,
+        {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128},
+    )
+    return str(stem)

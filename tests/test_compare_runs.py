@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import minsnr.checkpoint as ck
@@ -22,7 +21,6 @@ from minsnr.compare import cli, worker
 from minsnr.compare.presets import Settings, run_config, run_folder, run_matrix
 from minsnr.compare.runner import _flatten
 from minsnr.config import dump_yaml, load_config, to_dict
-from minsnr.evaluate.classifier import load_labelled, save_classifier, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "configs" / "compare" / "cpu.yaml"
@@ -39,19 +37,6 @@ TINY = [
     "ema.decay=0.9",
     "sample.steps=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """A digits classifier trained for one epoch: enough to score, cheap to make."""
-    x, y, _, _ = load_labelled("digits")
-    stem = tmp_path_factory.mktemp("clf") / "digits"
-    save_classifier(
-        train_classifier(x, y, epochs=1),
-        stem,
-        {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128},
-    )
-    return str(stem)
 
 
 def test_runs_see_the_same_randomness_and_differ_only_in_the_loss(tmp_path, monkeypatch, classifier):

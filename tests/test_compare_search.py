@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_compare_runs import CPU, TINY, classifier  # noqa: F401 -- the fixture
+from test_compare_runs import CPU, TINY
 
 from minsnr.compare import cli
 from minsnr.compare.presets import parse_weighting, run_folder
@@ -133,7 +133,7 @@ def _args(run_dir, classifier_path, budget="112"):
     ]
 
 
-def test_a_tiny_search_end_to_end(tmp_path, classifier, capsys):  # noqa: F811
+def test_a_tiny_search_end_to_end(tmp_path, classifier, capsys):
     assert cli.main(_args(tmp_path, classifier)) == 0
     state = json.loads((tmp_path / "search.json").read_text())
     t = state["targets"]["x0"]

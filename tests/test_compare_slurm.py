@@ -18,7 +18,6 @@ from submitit.slurm.slurm import _make_sbatch_string
 from minsnr.compare import cli, jobs, runner, slurm, worker
 from minsnr.compare.presets import RunSpec, Settings, run_config, run_folder, run_matrix
 from minsnr.config import ConfigError, dump_yaml, load_config
-from minsnr.evaluate.classifier import load_labelled, save_classifier, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "configs" / "compare" / "cpu.yaml"
@@ -89,19 +88,6 @@ def _children(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):
             pass
     return out
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> str:
-    """A digits classifier trained for one epoch: enough to score, cheap to make."""
-    x, y, _, _ = load_labelled("digits")
-    stem = tmp_path_factory.mktemp("clf") / "digits"
-    save_classifier(
-        train_classifier(x, y, epochs=1),
-        stem,
-        {"image_shape": [8, 8, 1], "num_classes": 10, "width": 16, "feature_dim": 128},
-    )
-    return str(stem)
 
 
 @pytest.fixture(scope="module")
