@@ -45,8 +45,7 @@ from minsnr.step import StaticStep, attention, report_recompiles, set_lr
 # carriage returns, so there rank 0 prints one plain line (step, loss, img/s, ETA) to stdout at a metrics read
 # (every log.every steps), at most one per PLAIN_EVERY_S seconds, and always at the last step.
 PLAIN_EVERY_S = 30.0
-# Each saves a checkpoint after the current step and stops the run; SIGUSR1 is the pre-emption notice that
-# Slurm sends ahead of a time limit (sbatch --signal=USR1@120; examples/slurm/minsnr.sbatch).
+# Each saves a checkpoint after this step and stops; SIGUSR1: Slurm's pre-emption notice (examples/slurm)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 

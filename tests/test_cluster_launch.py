@@ -6,7 +6,7 @@
 - torchrun --max-restarts: one rank killed mid-run, the restarted group resumes and ends with the weights of a
   run that never stopped;
 - examples/slurm/minsnr.sbatch under stand-ins for srun, scontrol and scancel (two "nodes" on this machine):
-  it trains, a pre-emption notice (USR1 to the batch script) saves a checkpoint and requeues, and the
+  it trains, a time-limit notice (USR1 to the batch script) saves a checkpoint and requeues, and the
   requeued job ends with the uninterrupted run's weights.
 """
 
@@ -286,7 +286,7 @@ def test_slurm_example_requeues_on_notice_and_resumes(tmp_path: Path, reference:
     batch.send_signal(signal.SIGUSR1)
     code, out = finish([batch])[0]
     assert code == 0, out[-3000:]
-    assert "pre-emption notice" in out
+    assert "time-limit notice" in out
     assert (tmp_path / "fake_slurm" / "requeued").read_text().split() == ["4242"]
     stopped = load_checkpoint(run / "checkpoints" / "latest.pt")["step"]
     assert 100 <= stopped < STEPS, out[-3000:]
