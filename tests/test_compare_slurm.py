@@ -14,25 +14,15 @@ from types import SimpleNamespace
 
 import pytest
 from submitit.slurm.slurm import _make_sbatch_string
+from test_compare_runs import CPU
+from test_compare_runs import TINY as RACE_TINY
 
 from minsnr.compare import cli, jobs, runner, slurm, worker
 from minsnr.compare.presets import RunSpec, Settings, run_config, run_folder, run_matrix
 from minsnr.config import ConfigError, dump_yaml, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU = ROOT / "configs" / "compare" / "cpu.yaml"
-TINY = [
-    "model.args={patch_size: 2, depth: 2, width: 32, num_heads: 2}",
-    "train.batch_size=16",
-    "log.every=2",
-    "log.preview_every=0",
-    "checkpoint.every=10",
-    "checkpoint.keep=3",
-    "optim.warmup_steps=2",
-    "ema.decay=0.9",
-    "sample.steps=2",
-    "train.threads=1",  # both executors train with the same thread count: the same numbers
-]
+# the local tests' tiny race, scored by --eval-every / --eval-num here; both executors train with one thread
+TINY = [*(o for o in RACE_TINY if not o.startswith("log.eval_")), "train.threads=1"]
 NAMES = ["x0_const", "x0_min_snr"]
 SUBMITIT_LOCAL = ["--executor", "submitit-local", "--slurm-gpus", "0"]
 
