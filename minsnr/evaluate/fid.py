@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from minsnr.checkpoint import CheckpointError, load_checkpoint
 from minsnr.distributed import resolve_device
 from minsnr.evaluate.classifier import classifier_paths, feature_fn, fid_cls, load_classifier
 from minsnr.evaluate.frechet import feature_stats, frechet_distance
@@ -58,10 +58,8 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
         raise FileNotFoundError(f"Inception weights file {weights} not found")
     if weights is not None:  # torch-fidelity reads it with weights_only=False: read it safely first
         try:
-            with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
-                warnings.simplefilter("ignore")
-                torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception:  # a text file, a foreign pickle, a truncated file
+            load_checkpoint(weights)  # weights_only; a text file, a foreign pickle, a truncated file fail
+        except CheckpointError:
             raise ValueError(not_weights) from None
     try:
         model = FeatureExtractorInceptionV3(
