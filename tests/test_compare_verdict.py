@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minsnr.compare import verdict
-from minsnr.evaluate.plots import first_reach
+from minsnr.compare.verdict import first_reach
 
 STEPS = np.arange(250, 3001, 250, dtype=np.float64)  # the cpu preset's evaluations
 

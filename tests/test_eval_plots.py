@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,24 +28,39 @@ def write_run(path: Path, steps: list[int], fids: list[float], key: str = "fid_c
     return str(path)
 
 
-def test_plot_threshold_crossings_and_speedup(tmp_path, capsys):
-    base = write_run(tmp_path / "const", [0, 100, 200, 300], [50, 30, 20, 10])
-    fast = write_run(tmp_path / "min_snr", [0, 100, 200, 300], [50, 20, 10, 5])
+def test_plot_reads_crossings_on_smoothed_curves(tmp_path, capsys):
+    """Log-linear curves: the running mean of three log scores is the middle one inside the curve, so the
+    smoothed crossings have closed forms (interpolated in log score); the ends are geometric means of two."""
+    steps = [0, 100, 200, 300, 400]
+    base = write_run(tmp_path / "const", steps, [80, 40, 20, 10, 5])  # halves every 100 steps
+    fast = write_run(tmp_path / "min_snr", steps, [80, 20, 5, 1.25, 0.3125])  # quarters every 100 steps
     never = write_run(tmp_path / "snr", [0, 100], [60, 40])
-    # threshold 15: const crosses between (200, 20) and (300, 10) at 250, min_snr at 150 -> 1.67x faster
     assert plots.main([base, fast, never, "--threshold", "15", "--out", str(tmp_path / "fig")]) == 0
     result = json.loads((tmp_path / "fig.json").read_text())
     runs = {r["label"]: r for r in result["runs"]}
-    assert result["metric"] == "fid_cls" and runs["const"]["steps"] == [0, 100, 200, 300]
-    assert runs["const"]["reach_step"] == pytest.approx(250) and runs["min_snr"]["reach_step"] == pytest.approx(150)
-    assert runs["min_snr"]["speedup"] == pytest.approx(250 / 150) and runs["const"]["speedup"] == pytest.approx(1)
+    at = lambda s0, hi, lo, level: s0 + 100 * math.log(hi / level) / math.log(hi / lo)
+    assert runs["const"]["reach_step"] == pytest.approx(at(200, 20, 10, 15))
+    assert runs["min_snr"]["reach_step"] == pytest.approx(at(100, 20, 5, 15))
+    assert runs["min_snr"]["speedup"] == pytest.approx(2.0)  # twice the log-rate: twice as fast at any level
     assert runs["snr"]["reach_step"] is None and runs["snr"]["speedup"] is None
+    assert runs["const"]["smoothed"][-1] == pytest.approx(math.sqrt(10 * 5))
     assert (tmp_path / "fig.png").stat().st_size > 1000
-    assert "1.67x" in capsys.readouterr().out
-    # default threshold: the worst run's best value, reached by every run
+    out = capsys.readouterr().out
+    assert "2.00x" in out and "--seeds 3" in out
+    # default level: the first run's smoothed final score, sqrt(10 * 5), which it reaches at its last step
     result = plots.compare([base, fast], "fid_cls")
-    assert result["threshold"] == 10 and [r["reach_step"] for r in result["runs"]] == [300, 200]
-    assert result["runs"][1]["speedup"] == pytest.approx(1.5)
+    assert result["threshold"] == pytest.approx(math.sqrt(50))
+    assert result["runs"][0]["reach_step"] == pytest.approx(400)
+    assert result["runs"][1]["reach_step"] == pytest.approx(at(100, 20, 5, math.sqrt(50)))
+
+
+def test_one_lucky_evaluation_does_not_make_a_run_reach_a_level(tmp_path):
+    """The old rule read raw curves: one evaluation at 5 on a plateau at 20 'reached' 10 (the faces 10.65x)."""
+    lucky = write_run(tmp_path / "lucky", [0, 100, 200, 300, 400], [20, 20, 5, 20, 20])
+    result = plots.compare([lucky], "fid_cls", threshold=10)
+    assert result["runs"][0]["best"] == 5 and result["runs"][0]["reach_step"] is None
+    with pytest.raises(ValueError, match="> 0"):
+        plots.compare([write_run(tmp_path / "zero", [0, 1], [1.0, 0.0])], "fid_cls")
 
 
 def test_first_reach_edge_cases():

@@ -40,12 +40,22 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import isotonic_regression
 
-from minsnr.evaluate.plots import first_reach  # first step at or below a level, linear between evaluations
-
 LEVELS = {"quarter": 0.25, "half": 0.5, "end": 1.0}  # fraction of the reference's run
 DEEPEST_FIRST = ("end", "half", "quarter")
 NOISE_MARGIN = 2.0  # a level must lie this many plateau-noise units away from the run's smoothed end
 CONFIDENCE = 0.95
+
+
+def first_reach(steps: np.ndarray, values: np.ndarray, threshold: float) -> float | None:
+    """The first step where the curve (linear between evaluations) is at or below `threshold`."""
+    below = np.flatnonzero(values <= threshold)
+    if len(below) == 0:
+        return None
+    i = int(below[0])
+    if i == 0:
+        return float(steps[0])
+    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
+    return float(s0 + (v0 - threshold) / (v0 - v1) * (s1 - s0))
 
 
 def smooth(values: np.ndarray) -> np.ndarray:

@@ -1,11 +1,13 @@
 """`minsnr plot RUN_DIR [RUN_DIR ...]`: FID (or fid_cls) against training steps for several runs on one
-figure, the step at which each first reaches a threshold and the speed-up over the first run, as in
-figure 1 ("3.4x faster" to FID 10) and figure 5.
+figure, the step at which each reaches a level and the speed-up over the first run, as in figure 1
+("3.4x faster" to FID 10) and figure 5.
 
-Reads RUN_DIR/metrics.jsonl (one JSON object per line with "step" and the metric). The first step at
-the threshold is interpolated linearly between the two evaluations around the first crossing. Default
-threshold: the largest of the runs' best values, the lowest level that every run reaches. Speed-up of
-a run = (baseline's step) / (run's step); the baseline is the first RUN_DIR. Writes OUT.png, OUT.json.
+Reads RUN_DIR/metrics.jsonl (one JSON object per line with "step" and the metric). Crossings are read on
+each curve smoothed as `minsnr compare` smooths it (minsnr.compare.verdict.smooth: a running mean of three
+evaluations in log score, then the best-so-far fit), so that no single lucky evaluation sets a step: the
+step is interpolated between evaluations in log score. Default level: the first run's smoothed final
+score (the `end` level of a race), else --threshold. Speed-up of a run = (first run's step) / (run's step).
+One seed is an anecdote: `minsnr compare --seeds 3` gives an interval and a verdict. Writes OUT.png, OUT.json.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from minsnr.compare.verdict import first_reach, smooth
 from minsnr.evaluate.util import HelpFormatter, run_verb
 from minsnr.extras import require
 from minsnr.runlog import read_records
@@ -41,18 +44,6 @@ def read_metric(run_dir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarra
     return steps, np.array([points[int(s)] for s in steps], dtype=np.float64)
 
 
-def first_reach(steps: np.ndarray, values: np.ndarray, threshold: float) -> float | None:
-    """The first step where the curve (linear between evaluations) is at or below `threshold`."""
-    below = np.flatnonzero(values <= threshold)
-    if len(below) == 0:
-        return None
-    i = int(below[0])
-    if i == 0:
-        return float(steps[0])
-    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
-    return float(s0 + (v0 - threshold) / (v0 - v1) * (s1 - s0))
-
-
 def pick_metric(run_dirs: list[str]) -> str:
     """ "fid" if every run logged it, else "fid_cls" if every run did."""
     for metric in ("fid", "fid_cls"):
@@ -62,16 +53,18 @@ def pick_metric(run_dirs: list[str]) -> str:
 
 
 def compare(run_dirs: list[str], metric: str, threshold: float | None = None) -> dict[str, Any]:
-    """Curves, threshold, first step at the threshold and speed-up over the first run, for each run."""
+    """Curves, their smoothed versions, the level, the first step at the level and the speed-up over the first
+    run, for each run (module docstring)."""
     curves = {}
     for r in run_dirs:
         steps, values = read_metric(r, metric)
         if len(steps) == 0:
             raise ValueError(f"{r}/metrics.jsonl has no {metric!r} values")
-        curves[r] = (steps, values)
-    if threshold is None:
-        threshold = max(float(v.min()) for _, v in curves.values())
-    reach = {r: first_reach(s, v, threshold) for r, (s, v) in curves.items()}
+        if not (values > 0).all():
+            raise ValueError(f"{r}: {metric} must be > 0 to be read in log score (a lower score is better)")
+        curves[r] = (steps, values, np.exp(smooth(np.log(values))))
+    level = float(curves[run_dirs[0]][2][-1]) if threshold is None else threshold
+    reach = {r: first_reach(s, np.log(sm), np.log(level)) for r, (s, _, sm) in curves.items()}
     base = reach[run_dirs[0]]
     runs = [
         {
@@ -79,17 +72,19 @@ def compare(run_dirs: list[str], metric: str, threshold: float | None = None) ->
             "label": Path(r).name,
             "steps": s.tolist(),
             "values": v.tolist(),
+            "smoothed": sm.tolist(),
             "best": float(v.min()),
             "reach_step": reach[r],
             "speedup": None if base is None or not reach[r] else base / reach[r],
         }
-        for r, (s, v) in curves.items()
+        for r, (s, v, sm) in curves.items()
     ]
-    return {"metric": metric, "threshold": threshold, "baseline": run_dirs[0], "runs": runs}
+    source = "--threshold" if threshold is not None else f"{Path(run_dirs[0]).name}'s smoothed final score"
+    return {"metric": metric, "threshold": level, "level_from": source, "baseline": run_dirs[0], "runs": runs}
 
 
 def table(result: dict[str, Any]) -> str:
-    reach_head = f"step at {result['metric']} <= {result['threshold']:.4g}"
+    reach_head = f"step at {result['metric']} <= {result['threshold']:.4g} (smoothed)"
     rows = [f"{'run':<28} {'evals':>5} {'best':>9} {reach_head:>24} {'speed-up':>9}"]
     for r in result["runs"]:
         reach = "-" if r["reach_step"] is None else f"{r['reach_step']:.0f}"
@@ -105,8 +100,10 @@ def plot(result: dict[str, Any], path: Path, log_y: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labelled = 0  # annotations stacked upwards, so that nearby crossings stay readable
     for r in result["runs"]:
-        (line,) = ax.plot(r["steps"], r["values"], marker=".", label=r["label"])
+        (line,) = ax.plot(r["steps"], r["values"], marker=".", alpha=0.35)
+        ax.plot(r["steps"], r["smoothed"], color=line.get_color(), label=r["label"])
         if r["reach_step"] is not None:
             ax.plot([r["reach_step"]], [result["threshold"]], "o", color=line.get_color(), markersize=8)
             if r["speedup"] is not None and r["run"] != result["baseline"]:
@@ -114,10 +111,11 @@ def plot(result: dict[str, Any], path: Path, log_y: bool = False) -> None:
                     f"{r['speedup']:.1f}x faster",
                     (r["reach_step"], result["threshold"]),
                     textcoords="offset points",
-                    xytext=(4, 8),
+                    xytext=(4, 8 + 13 * labelled),
                     color=line.get_color(),
                 )
-    ax.axhline(result["threshold"], color="gray", linestyle="--", linewidth=1)
+                labelled += 1
+    ax.axhline(result["threshold"], color="gray", linestyle="--", linewidth=1, label=f"level: {result['level_from']}")
     ax.set_xlabel("training step")
     ax.set_ylabel(result["metric"])
     if log_y:
@@ -133,7 +131,12 @@ def main(argv: list[str]) -> int:
     path = os.path.expanduser
     p.add_argument("run_dirs", nargs="+", type=path, help="run folders; the first is the baseline for speed-ups")
     p.add_argument("--metric", default=None, help="fid, fid_cls or any logged key (default: fid, else fid_cls)")
-    p.add_argument("--threshold", type=float, default=None, help="default: the largest of the runs' best values")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="the level to read (default: the first run's smoothed final score)",
+    )
     p.add_argument("--out", default="fid_vs_steps", type=path, help="writes OUT.png and OUT.json")
     p.add_argument("--log-y", action="store_true", help="logarithmic metric axis")
     a = p.parse_args(argv)
@@ -144,6 +147,7 @@ def _plot(a: argparse.Namespace) -> int:
     require("matplotlib", "minsnr plot")
     result = compare(a.run_dirs, a.metric or pick_metric(a.run_dirs), a.threshold)
     print(table(result))
+    print(f"level: {result['level_from']}; one seed per run: race with `minsnr compare --seeds 3` for an interval")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
