@@ -205,9 +205,6 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"minsnr compare: error: {err}", file=sys.stderr)
         return 2
-    except MissingExtra as err:
-        print(f"minsnr compare: error: {err}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, MissingExtra) as err:
         print(f"minsnr compare: error: {err}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from minsnr.compare.presets import RunSpec
-from minsnr.compare.worker import STATUS
+from minsnr.compare.worker import STATUS, command, environment
 from minsnr.files import read_json
 
 Todo = tuple[RunSpec, int, Path]  # (run, seed, its config.yaml)
@@ -42,25 +42,8 @@ class Job:
 def _launch(
     spec: RunSpec, seed: int, config_path: Path, cores: list[int], pin: bool, threads: int, bin_images: int, jobs: int
 ) -> Job:
-    root = str(Path(__file__).resolve().parents[2])  # the children import this same minsnr
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "TQDM_MININTERVAL": "30",
-        "MINSNR_PROCS_PER_GPU": str(jobs),  # the runs share one GPU: each keeps data there only if all fit
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "minsnr.compare.worker",
-        str(config_path),
-        "--bin-images",
-        str(bin_images),
-        "--parent",
-        str(os.getpid()),
-    ]
+    env = environment(threads, jobs)  # the runs share one GPU: each keeps data there only if all fit
+    cmd = command(config_path, bin_images, os.getpid())
     if pin:
         cmd += ["--cpus", ",".join(map(str, cores))]
     (config_path.parent / STATUS).unlink(missing_ok=True)  # a stale status must not outlive this attempt

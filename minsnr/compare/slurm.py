@@ -40,7 +40,7 @@ from typing import Any
 from minsnr.compare.jobs import JOB, age_s, ended, states
 from minsnr.compare.pool import Todo, label, last_step
 from minsnr.compare.presets import Settings
-from minsnr.compare.worker import STATUS
+from minsnr.compare.worker import STATUS, command, environment
 from minsnr.config import ConfigError
 from minsnr.extras import require
 from minsnr.files import read_json, write_json
@@ -144,22 +144,14 @@ class RunJob:
 
     def __call__(self) -> str:
         run_dir = Path(self.config).parent
-        cmd = [sys.executable, "-m", "minsnr.compare.worker", self.config, "--bin-images", str(self.bin_images)]
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(self.threads),
-            "MKL_NUM_THREADS": str(self.threads),
-            "TQDM_MININTERVAL": "30",
-            "MINSNR_PROCS_PER_GPU": "1",  # each job has its own GPUs
-        }
         old = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             with (run_dir / "compare.log").open("a") as log:
                 self._proc = subprocess.Popen(
-                    [*cmd, "--parent", str(os.getpid())],
+                    command(self.config, self.bin_images, os.getpid()),
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    env=environment(self.threads, 1),  # each job has its own GPUs
                     preexec_fn=_ignore_preempt_signal,
                 )
                 while self._proc.poll() is None:  # a poll loop, not wait(): checkpoint() may poll from a handler

@@ -60,6 +60,34 @@ def final_bin_losses(run_dir: Path, step: int, num: int, seed: int = 0) -> dict[
     return out
 
 
+def command(config_path: Path | str, bin_images: int, parent: int) -> list[str]:
+    """The command line that trains one run (this module), for the local pool and for a Slurm job alike."""
+    return [
+        sys.executable,
+        "-m",
+        "minsnr.compare.worker",
+        str(config_path),
+        "--bin-images",
+        str(bin_images),
+        "--parent",
+        str(parent),
+    ]
+
+
+def environment(threads: int, procs_per_gpu: int) -> dict[str, str]:
+    """The run's environment: `threads` CPU threads, progress lines at most every 30 s, the processes sharing
+    its GPU (minsnr.data.device), and this same minsnr importable."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TQDM_MININTERVAL": "30",
+        "MINSNR_PROCS_PER_GPU": str(procs_per_gpu),
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+
+
 def die_with_parent(parent: int) -> None:
     """Linux: SIGTERM (save a checkpoint, stop) when the comparison dies, so that no orphan keeps writing
     into a run folder that a rerun of the comparison continues."""

@@ -22,7 +22,6 @@ an existing OUT is first renamed aside (.OUT.PID.old) and removed once the new o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from minsnr.checkpoint import CheckpointError, export_safetensors, load_checkpoint, load_model
+from minsnr.checkpoint import CheckpointError, export_safetensors, export_step, load_checkpoint, load_model
 from minsnr.config import Config
+from minsnr.evaluate.sample import trained_class_names
 from minsnr.evaluate.util import HelpFormatter, run_verb
 from minsnr.extras import require
 from minsnr.files import fsync_dir
@@ -69,11 +69,7 @@ def read_source(path: Path) -> tuple[nn.Module, Config, int, list[str]]:
     CheckpointError naming the file when it is neither (the loaders' one-line errors)."""
     model, cfg = load_model(path, ema=True)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:  # it has just been read: the header is sound
-            meta = f.metadata() or {}
-        return model, cfg, int(meta.get("step", 0)), list(json.loads(meta.get("class_names", "[]")))
+        return model, cfg, export_step(path) or 0, trained_class_names(path)
     state = load_checkpoint(path, mmap=True)  # mapped: only the small entries are read
     if "ema" not in state:
         print(f"note: {path} holds no EMA weights; exporting its training weights", file=sys.stderr)
