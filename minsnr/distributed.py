@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPHING_MODES = ("reduce-overhead", "max-autotune")  # inductor captures its own CUDA graphs of the model
 ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # scaled_dot_product_attention backends; auto = torch's
 CPU_ATTENTION = ("auto", "flash", "math")
+# Signals that stop a run with a checkpoint after the current step (minsnr.train; StopVote agrees on the step
+# under DDP); SIGUSR1 is Slurm's time-limit notice (examples/slurm/minsnr.sbatch)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 POLL_MAX_S = 0.5  # wait_for_rank0: the longest sleep between two looks at the store
 
 T = TypeVar("T")
@@ -122,7 +126,7 @@ def wait_for_rank0(work: Callable[[], T], rank: int, world: int, tag: str) -> T 
 
 
 class StopVote:
-    """Agree on stopping. A signal (Ctrl-C, SIGTERM, Slurm's pre-emption notice SIGUSR1) reaches each rank at its
+    """Agree on stopping. A signal (Ctrl-C, SIGTERM, Slurm's time-limit notice SIGUSR1) reaches each rank at its
     own moment, yet every rank must stop after the same step, since saving a checkpoint is a collective. Each
     call all-reduces (MAX) this rank's signal number (0: none) without waiting and returns the value reduced by
     the previous call: every rank reads the same value at the same call, and the host waits only for a reduction

@@ -31,7 +31,7 @@ import minsnr.checkpoint as ck
 import minsnr.resume as resume
 from minsnr.config import Config, dump_yaml
 from minsnr.coupling import assign_noise
-from minsnr.distributed import StopVote, wait_for_rank0
+from minsnr.distributed import STOP_SIGNALS, StopVote, wait_for_rank0
 from minsnr.ema import ema_decay, update_ema
 from minsnr.objective import drop_labels
 from minsnr.run import Run, build_run
@@ -45,8 +45,6 @@ from minsnr.step import StaticStep, attention, report_recompiles, set_lr
 # carriage returns, so there rank 0 prints one plain line (step, loss, img/s, ETA) to stdout at a metrics read
 # (every log.every steps), at most one per PLAIN_EVERY_S seconds, and always at the last step.
 PLAIN_EVERY_S = 30.0
-# Each saves a checkpoint after this step and stops; SIGUSR1: Slurm's pre-emption notice (examples/slurm)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
 class NonFiniteLoss(RuntimeError):

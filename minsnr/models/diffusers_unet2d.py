@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from minsnr.extras import require
+from minsnr.models.layers import labels_or_null
 
 # The preset of "diffusers_unet2d" in minsnr.models.MODELS: two levels (8x8 -> 4x4 on the digits), attention
 # at the lower one and in the middle block; about 0.7M parameters with one input channel.
@@ -90,8 +91,6 @@ class DiffusersUNet2D(nn.Module):
             self.unet.enable_gradient_checkpointing()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_classes == 0:
-            labels = None  # UNet2DModel refuses labels without a class embedding; ours ignores them
-        elif labels is None:
-            labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        # UNet2DModel refuses labels without a class embedding: an unconditional model ignores them
+        labels = labels_or_null(labels, self.num_classes, x) if self.num_classes > 0 else None
         return self.unet(x, t, class_labels=labels).sample

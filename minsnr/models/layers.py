@@ -1,4 +1,4 @@
-"""Pieces shared by the backbones: sinusoidal timestep features, the timestep MLP, self-attention."""
+"""Pieces shared by the backbones: the class labels, sinusoidal timestep features, the timestep MLP, self-attention."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def labels_or_null(labels: torch.Tensor | None, num_classes: int, x: torch.Tensor) -> torch.Tensor:
+    """`labels`, or the null label for x's whole batch when None: index num_classes, the extra row of every
+    backbone's class table (classifier-free guidance drops labels to it)."""
+    if labels is not None:
+        return labels
+    return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minsnr.models.layers import Attention, TimestepMLP
+from minsnr.models.layers import Attention, TimestepMLP, labels_or_null
 
 GROUPS = 32  # GroupNorm groups, as ADM
 
@@ -155,9 +155,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(t)  # [B, E]
         if self.class_embed is not None:
-            if labels is None:
-                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.class_embed(labels)
+            emb = emb + self.class_embed(labels_or_null(labels, self.num_classes, x))
         h = self.input_conv(x)  # [B, base, H, W]
         skips = [h]
         for block in self.down:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minsnr.models.layers import Attention, TimestepMLP
+from minsnr.models.layers import Attention, TimestepMLP, labels_or_null
 
 TIME_FREQ_DIM = 256  # sinusoidal features of t fed to the time-token MLP (as DiT)
 
@@ -97,9 +97,7 @@ class ViT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         tokens = [self.time_embed(t)[:, None]]  # [B, 1, D]
         if self.class_embed is not None:
-            if labels is None:
-                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            tokens.append(self.class_embed(labels)[:, None])  # [B, 1, D]
+            tokens.append(self.class_embed(labels_or_null(labels, self.num_classes, x))[:, None])  # [B, 1, D]
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, L, D], L = (H/p)(W/p)
         h = torch.cat([*tokens, patches], dim=1) + self.pos_embed  # [B, num_extra + L, D]
         for block in self.blocks:
